@@ -1,0 +1,56 @@
+"""vgs_ckpt: a versioned, pickle-free checkpoint format for PBT with VGS state."""
+
+from vgs_ckpt._version import __version__
+from vgs_ckpt.codec import Checkpoint, load, load_bytes, read_header, save, save_bytes
+from vgs_ckpt.errors import (
+    CheckpointIOError,
+    CheckpointNotFoundError,
+    FormatError,
+    IntegrityError,
+    SchemaError,
+    TreeError,
+    UnsafeCheckpointError,
+    UnsupportedTypeError,
+    UnsupportedVersionError,
+    UsageError,
+    VgsCkptError,
+)
+from vgs_ckpt.models import (
+    CheckpointFormat,
+    CheckpointV1,
+    CheckpointV2,
+    ExploitSource,
+    Lineage,
+    Provenance,
+    TensorInfo,
+    VGSState,
+)
+
+__all__ = [
+    "Checkpoint",
+    "CheckpointFormat",
+    "CheckpointIOError",
+    "CheckpointNotFoundError",
+    "CheckpointV1",
+    "CheckpointV2",
+    "ExploitSource",
+    "FormatError",
+    "IntegrityError",
+    "Lineage",
+    "Provenance",
+    "SchemaError",
+    "TensorInfo",
+    "TreeError",
+    "UnsafeCheckpointError",
+    "UnsupportedTypeError",
+    "UnsupportedVersionError",
+    "UsageError",
+    "VGSState",
+    "VgsCkptError",
+    "__version__",
+    "load",
+    "load_bytes",
+    "read_header",
+    "save",
+    "save_bytes",
+]

@@ -1,0 +1,205 @@
+"""The safetensors container: layout, header parsing and validation, byte sources.
+
+Parsing is done here rather than by the safetensors library so that the
+header can be read without touching tensor bytes, every malformation gets a
+precise error, and tensors can be read straight into their own buffers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import IO, Any, Protocol
+
+from vgs_ckpt._dtypes import BY_CODE, DType
+from vgs_ckpt.errors import FormatError
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit the safetensors library enforces
+_LEN = struct.Struct("<Q")
+ALIGNMENT = 8
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One tensor as the container describes it; offsets are absolute in the file."""
+
+    name: str
+    dtype: DType
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class Container:
+    metadata: dict[str, str]
+    entries: dict[str, Entry]  # in file order
+    header_bytes: int  # 8 + the JSON header length, padding included
+    total_bytes: int
+
+
+class Source(Protocol):
+    """Somewhere bytes can be read from at an absolute offset."""
+
+    where: str
+
+    def size(self) -> int: ...
+
+    def read(self, offset: int, count: int) -> bytes: ...
+
+    def readinto(self, offset: int, buffer: memoryview) -> None: ...
+
+
+class FileSource:
+    def __init__(self, handle: IO[bytes], where: str) -> None:
+        self._fd = handle.fileno()
+        self.where = where
+
+    def size(self) -> int:
+        return os.fstat(self._fd).st_size
+
+    def read(self, offset: int, count: int) -> bytes:
+        data = os.pread(self._fd, count, offset)
+        if len(data) != count:
+            raise FormatError(f"{self.where}: truncated file: expected {count} bytes at offset "
+                              f"{offset}, got {len(data)}; the file is incomplete - re-save it")
+        return data
+
+    def readinto(self, offset: int, buffer: memoryview) -> None:
+        done, total = 0, len(buffer)
+        while done < total:
+            got = os.preadv(self._fd, [buffer[done:]], offset + done)
+            if got == 0:
+                raise FormatError(f"{self.where}: truncated file: data ends at offset "
+                                  f"{offset + done}, expected {total - done} more bytes")
+            done += got
+
+
+class BytesSource:
+    def __init__(self, data: bytes | bytearray | memoryview, where: str = "<bytes>") -> None:
+        self._data = memoryview(data).cast("B")
+        self.where = where
+
+    def size(self) -> int:
+        return len(self._data)
+
+    def read(self, offset: int, count: int) -> bytes:
+        if offset + count > len(self._data):
+            raise FormatError(f"{self.where}: truncated data: expected {count} bytes at offset "
+                              f"{offset}, only {max(0, len(self._data) - offset)} remain")
+        return bytes(self._data[offset:offset + count])
+
+    def readinto(self, offset: int, buffer: memoryview) -> None:
+        end = offset + len(buffer)
+        if end > len(self._data):
+            raise FormatError(f"{self.where}: truncated data: tensor bytes end at {end}, "
+                              f"the data has {len(self._data)}")
+        buffer[:] = self._data[offset:end]
+
+
+def layout(arrays: Iterable[tuple[str, DType, tuple[int, ...], int]],
+           metadata: dict[str, str]) -> tuple[bytes, list[str]]:
+    """The header bytes (length prefix included) and the data order of the tensors.
+
+    Tensors are ordered by itemsize (largest first), then name, so that every
+    tensor starts at a multiple of its itemsize (the safetensors writer's rule).
+    """
+    items = sorted(arrays, key=lambda a: (-a[1].itemsize, a[0]))
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for name, dtype, shape, nbytes in items:
+        header[name] = {"dtype": dtype.code, "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    raw = text.encode("utf-8")
+    raw += b" " * (-(len(raw) + _LEN.size) % ALIGNMENT)
+    return _LEN.pack(len(raw)) + raw, [a[0] for a in items]
+
+
+def looks_like_safetensors(prefix: bytes, size: int) -> bool:
+    """Whether the first bytes read like a safetensors header (length, then ``{``)."""
+    if len(prefix) < 9:
+        return False
+    (length,) = _LEN.unpack_from(prefix)
+    return 2 <= length <= min(size - 8, MAX_HEADER_BYTES) and prefix[8:9] == b"{"
+
+
+def read_container(source: Source) -> Container:
+    """Parse and validate the safetensors header of ``source``; read no tensor bytes."""
+    where = source.where
+    size = source.size()
+    if size < 8:
+        raise FormatError(f"{where}: file of {size} bytes is too short for a safetensors "
+                          "header (8-byte length prefix missing); it is empty or truncated")
+    (length,) = _LEN.unpack(source.read(0, 8))
+    if length > MAX_HEADER_BYTES:
+        raise FormatError(f"{where}: header length {length} exceeds the limit of "
+                          f"{MAX_HEADER_BYTES} bytes; this is not a safetensors file or it is corrupt")
+    if 8 + length > size:
+        raise FormatError(f"{where}: header length {length} runs past the end of the file "
+                          f"({size} bytes); the file is truncated or not a safetensors file")
+    raw = source.read(8, length)
+    try:
+        header = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+    except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as exc:
+        raise FormatError(f"{where}: malformed safetensors header JSON ({exc}); "
+                          "the file is corrupt") from None
+    if type(header) is not dict:
+        raise FormatError(f"{where}: safetensors header is not a JSON object")
+    metadata = header.pop("__metadata__", {})
+    if type(metadata) is not dict or any(type(v) is not str for v in metadata.values()):
+        raise FormatError(f"{where}: __metadata__ must map strings to strings")
+    data_start = 8 + length
+    entries = [_entry(where, name, spec, data_start) for name, spec in header.items()]
+    entries.sort(key=lambda e: (e.start, e.end))
+    expected = data_start
+    for entry in entries:
+        if entry.start != expected:
+            problem = "overlaps the previous tensor" if entry.start < expected else "leaves a gap"
+            raise FormatError(f"{where}: tensor {entry.name!r} {problem} (data starts at "
+                              f"{entry.start - data_start}, expected {expected - data_start}); "
+                              "the header's data_offsets are corrupt")
+        expected = entry.end
+    if expected != size:
+        what = "trailing bytes after" if size > expected else "the file ends before"
+        raise FormatError(f"{where}: {what} the last tensor (tensor data ends at {expected}, file "
+                          f"has {size} bytes); the file is truncated or was appended to")
+    return Container(metadata, {e.name: e for e in entries}, data_start, size)
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
+def _entry(where: str, name: str, spec: Any, data_start: int) -> Entry:
+    if type(spec) is not dict or set(spec) != {"dtype", "shape", "data_offsets"}:
+        raise FormatError(f"{where}: tensor {name!r}: header entry must have exactly dtype, "
+                          f"shape and data_offsets, got {spec!r:.120}")
+    dtype = BY_CODE.get(spec["dtype"]) if type(spec["dtype"]) is str else None
+    if dtype is None:
+        raise FormatError(f"{where}: tensor {name!r}: unknown dtype {spec['dtype']!r}; "
+                          f"expected one of {', '.join(BY_CODE)}")
+    shape, offsets = spec["shape"], spec["data_offsets"]
+    if type(shape) is not list or any(type(d) is not int or d < 0 for d in shape):
+        raise FormatError(f"{where}: tensor {name!r}: shape must be a list of non-negative "
+                          f"integers, got {shape!r:.80}")
+    if (type(offsets) is not list or len(offsets) != 2
+            or any(type(o) is not int or o < 0 for o in offsets) or offsets[0] > offsets[1]):
+        raise FormatError(f"{where}: tensor {name!r}: data_offsets must be [begin, end] with "
+                          f"0 <= begin <= end, got {offsets!r:.80}")
+    numel = 1
+    for dim in shape:
+        numel *= dim
+    if numel * dtype.itemsize != offsets[1] - offsets[0]:
+        raise FormatError(f"{where}: tensor {name!r}: shape {shape} of {dtype.code} needs "
+                          f"{numel * dtype.itemsize} bytes but data_offsets span "
+                          f"{offsets[1] - offsets[0]}; the header is corrupt")
+    return Entry(name, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])

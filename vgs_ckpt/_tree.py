@@ -1,0 +1,304 @@
+"""Encoding of a parameter tree as a JSON node plus a table of arrays.
+
+Grammar of a node (spec section 5):
+    null | true | false | "string" | <JSON integer>
+    {"float": <JSON number> | "nan" | "inf" | "-inf"}
+    {"dict": [[key, node], ...], "ordered"?: true}     key: string or JSON integer
+    {"list": [node, ...]}  |  {"tuple": [node, ...]}
+    {"tensor": name, "requires_grad"?: true, "parameter"?: true}
+    {"ndarray": name}  |  {"npscalar": name}
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from vgs_ckpt._dtypes import BY_TORCH, DType, numpy_entry
+from vgs_ckpt.errors import TreeError, UnsupportedTypeError
+
+SEPARATOR = "/"
+RESERVED_NAMES = frozenset({"__metadata__"})
+_FLOAT_SPECIALS = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
+def escape_key(key: str | int) -> str:
+    """A tree key as one segment of a tensor name: ``~`` -> ``~0``, ``/`` -> ``~1``."""
+    return str(key).replace("~", "~0").replace(SEPARATOR, "~1")
+
+
+def join_path(path: tuple[str | int, ...]) -> str:
+    return SEPARATOR.join(escape_key(k) for k in path)
+
+
+def show_path(path: tuple[str | int, ...]) -> str:
+    """A tree path for error messages, e.g. ``["policy.optimizer"]["state"][0]``."""
+    return "".join(f"[{k!r}]" for k in path) or "<root>"
+
+
+@dataclass
+class Array:
+    """One stored array: the bytes to write and what they are."""
+
+    name: str
+    dtype: DType
+    shape: tuple[int, ...]
+    data: memoryview  # contiguous little-endian bytes, format "B"
+    device: str
+
+
+def _check_text(text: str, path: tuple[str | int, ...], what: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise UnsupportedTypeError(
+            f"{what} at {show_path(path)} is not valid Unicode ({exc.reason}); "
+            "checkpoint strings must encode as UTF-8 - remove lone surrogates"
+        ) from None
+
+
+def _torch_bytes(value: torch.Tensor, path: tuple[str | int, ...]) -> tuple[DType, memoryview]:
+    if type(value) not in (torch.Tensor, torch.nn.Parameter):
+        raise UnsupportedTypeError(
+            f"tensor subclass {type(value).__qualname__} at {show_path(path)} is not supported; "
+            "store a plain torch.Tensor (e.g. `t.as_subclass(torch.Tensor)`)"
+        )
+    if value.layout is not torch.strided or value.is_quantized or value.is_meta:
+        kind = "meta" if value.is_meta else str(value.layout)
+        raise UnsupportedTypeError(
+            f"{kind} tensor at {show_path(path)} cannot be stored; "
+            "store a dense tensor with data (e.g. `t.to_dense()`)"
+        )
+    entry = BY_TORCH.get(value.dtype)
+    if entry is None:
+        raise UnsupportedTypeError(
+            f"tensor dtype {value.dtype} at {show_path(path)} is not supported by the format; "
+            "convert it (e.g. `t.to(torch.float32)`)"
+        )
+    flat = value.detach().resolve_conj().resolve_neg().to("cpu").contiguous().reshape(-1)
+    raw = flat.view(torch.uint8) if flat.numel() else torch.empty(0, dtype=torch.uint8)
+    return entry, memoryview(raw.numpy()).cast("B")
+
+
+def _numpy_bytes(value: np.ndarray[Any, Any], path: tuple[str | int, ...]) -> tuple[DType, memoryview]:
+    entry = numpy_entry(value.dtype)
+    if entry is None or entry.numpy is None:
+        raise UnsupportedTypeError(
+            f"numpy dtype {value.dtype} at {show_path(path)} is not supported by the format; "
+            "convert it (e.g. `a.astype(np.float32)`)"
+        )
+    little = np.ascontiguousarray(value, dtype=entry.numpy).reshape(-1)
+    return entry, memoryview(little.view(np.uint8)).cast("B")
+
+
+def _storage_key(value: torch.Tensor) -> tuple[Any, ...] | None:
+    if value.numel() == 0 or value.is_meta:
+        return None
+    try:
+        base = value.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return None
+    return ("torch", str(value.device), base, value.storage_offset(), value.dtype,
+            tuple(value.shape), tuple(value.stride()))
+
+
+def _numpy_key(value: np.ndarray[Any, Any]) -> tuple[Any, ...] | None:
+    if value.size == 0:
+        return None
+    return ("numpy", value.__array_interface__["data"][0], value.dtype.str,
+            value.shape, value.strides)
+
+
+class Encoder:
+    """Turns a tree into a JSON node and the list of arrays it refers to."""
+
+    def __init__(self) -> None:
+        self.arrays: dict[str, Array] = {}
+        self._seen: dict[tuple[Any, ...], str] = {}
+        # Keep every source object alive until the arrays are written, so no
+        # memory address (used to find shared tensors) is reused meanwhile.
+        self._alive: list[Any] = []
+
+    def encode(self, value: Any, path: tuple[str | int, ...] = ()) -> Any:
+        # bool before int (bool is an int); numpy before float (np.float64 is a float).
+        if value is None or type(value) is bool:
+            return value
+        if isinstance(value, np.generic):
+            return {"npscalar": self._add_numpy(np.asarray(value), path)}
+        if type(value) is int:
+            return value
+        if type(value) is float:
+            if math.isfinite(value):
+                return {"float": value}
+            return {"float": "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")}
+        if type(value) is str:
+            _check_text(value, path, "string")
+            return value
+        if isinstance(value, torch.Tensor):
+            node: dict[str, Any] = {"tensor": self._add_torch(value, path)}
+            if value.requires_grad:
+                node["requires_grad"] = True
+            if isinstance(value, torch.nn.Parameter):
+                node["parameter"] = True
+            return node
+        if type(value) is np.ndarray:
+            return {"ndarray": self._add_numpy(value, path)}
+        if type(value) in (dict, OrderedDict):
+            items = []
+            for key, item in value.items():
+                if type(key) is str:
+                    _check_text(key, path, f"key {key!r}")
+                elif type(key) is not int:
+                    raise UnsupportedTypeError(
+                        f"dict key {key!r} of type {type(key).__qualname__} at {show_path(path)} "
+                        "is not supported; keys must be str or int"
+                    )
+                items.append([key, self.encode(item, (*path, key))])
+            node = {"dict": items}
+            if type(value) is OrderedDict:
+                node["ordered"] = True
+            return node
+        if type(value) in (list, tuple):
+            tag = "list" if type(value) is list else "tuple"
+            return {tag: [self.encode(item, (*path, i)) for i, item in enumerate(value)]}
+        raise UnsupportedTypeError(
+            f"value of type {type(value).__qualname__} at {show_path(path)} cannot be stored "
+            "(vgs_ckpt never pickles); supported leaves are None, bool, int, float, str, "
+            "torch.Tensor, numpy arrays and scalars, inside dicts, lists and tuples"
+        )
+
+    def _name(self, path: tuple[str | int, ...]) -> str:
+        name = join_path(path)
+        if name in RESERVED_NAMES:
+            raise TreeError(
+                f"tensor at {show_path(path)} would be named {name!r}, which safetensors "
+                "reserves; rename that key"
+            )
+        if name in self.arrays:
+            raise TreeError(
+                f"two tensors at {show_path(path)} and another path both map to the tensor "
+                f"name {name!r} (an int key and a str key that read the same); rename one key"
+            )
+        return name
+
+    def _add(self, key: tuple[Any, ...] | None, path: tuple[str | int, ...],
+             make: Callable[[], tuple[DType, memoryview]], shape: tuple[int, ...],
+             device: str, source: Any) -> str:
+        if key is not None and key in self._seen:
+            return self._seen[key]
+        name = self._name(path)
+        dtype, data = make()
+        self.arrays[name] = Array(name, dtype, shape, data, device)
+        self._alive.append(source)
+        if key is not None:
+            self._seen[key] = name
+        return name
+
+    def _add_torch(self, value: torch.Tensor, path: tuple[str | int, ...]) -> str:
+        return self._add(_storage_key(value), path, lambda: _torch_bytes(value, path),
+                         tuple(value.shape), str(value.device), value)
+
+    def _add_numpy(self, value: np.ndarray[Any, Any], path: tuple[str | int, ...]) -> str:
+        return self._add(_numpy_key(value), path, lambda: _numpy_bytes(value, path),
+                         tuple(value.shape), "cpu", value)
+
+
+def encode_tree(tree: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Array]]:
+    """Encode a parameter tree; the root must be a dict."""
+    if type(tree) not in (dict, OrderedDict):
+        raise UnsupportedTypeError(
+            f"the parameter tree must be a dict (e.g. model.get_parameters()), "
+            f"got {type(tree).__qualname__}"
+        )
+    encoder = Encoder()
+    node = encoder.encode(tree)
+    return node, encoder.arrays
+
+
+class Decoder:
+    """Turns a JSON node back into a tree, given a loader for named arrays."""
+
+    def __init__(self, tensor: Callable[[str], torch.Tensor],
+                 ndarray: Callable[[str], np.ndarray[Any, Any]]) -> None:
+        self._tensor = tensor
+        self._ndarray = ndarray
+
+    def decode(self, node: Any, path: tuple[str | int, ...] = ()) -> Any:
+        if node is None or type(node) in (bool, int, str):
+            return node
+        if type(node) is not dict or not node:
+            raise TreeError(f"malformed tree node at {show_path(path)}: {node!r:.80}")
+        if "dict" in node:
+            out: dict[Any, Any] = OrderedDict() if node.get("ordered") is True else {}
+            for pair in _list(node["dict"], path):
+                if type(pair) is not list or len(pair) != 2 or type(pair[0]) not in (str, int):
+                    raise TreeError(f"malformed dict item at {show_path(path)}: {pair!r:.80}")
+                key, child = pair
+                if key in out:
+                    raise TreeError(f"duplicate key {key!r} at {show_path(path)}")
+                out[key] = self.decode(child, (*path, key))
+            return out
+        if "list" in node or "tuple" in node:
+            tag = "list" if "list" in node else "tuple"
+            items = [self.decode(c, (*path, i)) for i, c in enumerate(_list(node[tag], path))]
+            return items if tag == "list" else tuple(items)
+        if "float" in node:
+            value = node["float"]
+            if type(value) in (int, float):
+                return float(value)
+            if value in _FLOAT_SPECIALS:
+                return _FLOAT_SPECIALS[value]
+            raise TreeError(f"malformed float at {show_path(path)}: {value!r:.80}")
+        if "tensor" in node:
+            tensor = self._tensor(_name_of(node["tensor"], path))
+            if node.get("parameter") is True:
+                return torch.nn.Parameter(tensor, requires_grad=node.get("requires_grad") is True)
+            if node.get("requires_grad") is True:
+                return tensor.detach().requires_grad_(True)
+            return tensor
+        if "ndarray" in node:
+            return self._ndarray(_name_of(node["ndarray"], path))
+        if "npscalar" in node:
+            return self._ndarray(_name_of(node["npscalar"], path))[()]
+        raise TreeError(f"unknown tree node at {show_path(path)}: {node!r:.80}")
+
+
+def _list(value: Any, path: tuple[str | int, ...]) -> list[Any]:
+    if type(value) is not list:
+        raise TreeError(f"malformed tree node at {show_path(path)}: expected a list, "
+                        f"got {value!r:.80}")
+    return value
+
+
+def _name_of(value: Any, path: tuple[str | int, ...]) -> str:
+    if type(value) is not str:
+        raise TreeError(f"malformed tensor reference at {show_path(path)}: {value!r:.80}")
+    return value
+
+
+def array_kinds(node: Any) -> dict[str, str]:
+    """Every array name a node refers to, with its kind: ``"torch"`` or ``"numpy"``."""
+    found: dict[str, str] = {}
+    stack = [node]
+    while stack:
+        item = stack.pop()
+        if type(item) is not dict:
+            continue
+        for tag, kind in (("tensor", "torch"), ("ndarray", "numpy"), ("npscalar", "numpy")):
+            name = item.get(tag)
+            if type(name) is str:
+                if found.setdefault(name, kind) != kind:
+                    raise TreeError(f"tensor {name!r} is referenced both as a torch tensor and "
+                                    "as a numpy array; the header is corrupt")
+        for tag in ("list", "tuple"):
+            if type(item.get(tag)) is list:
+                stack.extend(item[tag])
+        if type(item.get("dict")) is list:
+            stack.extend(p[1] for p in item["dict"] if type(p) is list and len(p) == 2)
+    return found
