@@ -21,6 +21,7 @@ from pydantic import (
     Field,
     JsonValue,
     TypeAdapter,
+    WithJsonSchema,
     field_validator,
 )
 
@@ -41,6 +42,7 @@ __all__ = [
     "TensorInfo",
     "VGSState",
     "header_adapter",
+    "json_schemas",
 ]
 
 
@@ -66,6 +68,25 @@ def _finite(value: float | None) -> float | None:
 FiniteFloat: TypeAlias = Annotated[float, AfterValidator(_finite)]
 NonNegativeInt: TypeAlias = Annotated[int, Field(ge=0)]
 DTypeCode: TypeAlias = Literal[CODES]  # type: ignore[valid-type]
+# Non-finite floats are written as the strings "NaN", "Infinity", "-Infinity".
+AnyFloat: TypeAlias = Annotated[float, WithJsonSchema({"anyOf": [
+    {"type": "number"}, {"enum": ["NaN", "Infinity", "-Infinity"]}]})]
+TREE_REF = "#/$defs/TreeNode"
+# A marker that json_schemas() replaces by a reference to the tree grammar.
+_TREE_MARK = "x-vgs-ckpt-tree"
+TreeRoot: TypeAlias = Annotated[dict[str, JsonValue], WithJsonSchema({_TREE_MARK: True})]
+
+
+def _finite_json(value: JsonValue, path: str = "hyperparams") -> JsonValue:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{path} holds {value!r}; JSON hyperparameters must be finite")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _finite_json(item, f"{path}.{key}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _finite_json(item, f"{path}[{i}]")
+    return value
 
 
 class _Model(BaseModel):
@@ -131,10 +152,10 @@ class VGSState(_Model):
     min_scaling_factor: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
     variance_cap: Annotated[FiniteFloat, Field(gt=0.0)] | None = None
     # Legacy global statistics (logging only); any float, NaN and inf included.
-    grad_mean_ema: float | None = None
-    grad_var_ema: float | None = None
-    grad_norm_ema: float | None = None
-    grad_max_ema: float | None = None
+    grad_mean_ema: AnyFloat | None = None
+    grad_var_ema: AnyFloat | None = None
+    grad_norm_ema: AnyFloat | None = None
+    grad_max_ema: AnyFloat | None = None
     # Names of the per-parameter EMA tensors in this file, or null.
     param_grad_mean_ema: str | None = None
     param_grad_sq_ema: str | None = None
@@ -148,7 +169,7 @@ class _Header(_Model):
     member_id: Annotated[str, Field(min_length=1)] | None = None
     producer: Producer
     created_at: AwareDatetime
-    tree: dict[str, JsonValue]
+    tree: TreeRoot
     tensors: dict[str, TensorInfo]
     provenance: Provenance | None = None
 
@@ -169,7 +190,7 @@ class CheckpointV2(_Header):
     """``v2_full_parameters``: the whole parameter tree of a PBT member."""
 
     format_version: Literal[CheckpointFormat.V2_FULL_PARAMETERS]
-    hyperparams: dict[str, JsonValue] = {}
+    hyperparams: dict[str, Annotated[JsonValue, AfterValidator(_finite_json)]] = {}
     lineage: Lineage = Lineage()
     vgs: VGSState | None = None
 
@@ -188,6 +209,62 @@ def format_number(format_version: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def header_json_schema() -> dict[str, Any]:
-    """The JSON Schema of the header union."""
-    return header_adapter.json_schema(mode="validation")
+_TAGGED = "tensor", "ndarray", "npscalar"
+TREE_NODE_SCHEMA: dict[str, Any] = {
+    "description": "A node of the encoded parameter tree (docs/spec.md section 5).",
+    "anyOf": [
+        {"type": ["null", "boolean", "string", "integer"]},
+        {"type": "object", "required": ["float"], "additionalProperties": False,
+         "properties": {"float": {"anyOf": [{"type": "number"},
+                                            {"enum": ["nan", "inf", "-inf"]}]}}},
+        {"type": "object", "required": ["dict"], "additionalProperties": False,
+         "properties": {
+             "dict": {"type": "array", "items": {
+                 "type": "array", "minItems": 2, "maxItems": 2,
+                 "prefixItems": [{"type": ["string", "integer"]}, {"$ref": TREE_REF}]}},
+             "ordered": {"const": True}}},
+        *({"type": "object", "required": [tag], "additionalProperties": False,
+           "properties": {tag: {"type": "array", "items": {"$ref": TREE_REF}}}}
+          for tag in ("list", "tuple")),
+        {"type": "object", "required": ["tensor"], "additionalProperties": False,
+         "properties": {"tensor": {"type": "string"}, "requires_grad": {"const": True},
+                        "parameter": {"const": True}}},
+        *({"type": "object", "required": [tag], "additionalProperties": False,
+           "properties": {tag: {"type": "string"}}} for tag in _TAGGED[1:]),
+    ],
+}
+
+
+def _replace_tree_marks(node: Any) -> None:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if isinstance(value, dict) and value.get(_TREE_MARK) is True:
+                node[key] = {"$ref": "#/$defs/TreeRoot", "title": value.get("title", "Tree")}
+            else:
+                _replace_tree_marks(value)
+    elif isinstance(node, list):
+        for item in node:
+            _replace_tree_marks(item)
+
+
+def json_schemas() -> dict[str, dict[str, Any]]:
+    """The JSON Schema documents generated from the models, keyed by file stem."""
+    documents = {
+        "header": header_adapter.json_schema(mode="validation"),
+        "checkpoint_v1": CheckpointV1.model_json_schema(mode="validation"),
+        "checkpoint_v2": CheckpointV2.model_json_schema(mode="validation"),
+        "vgs_state": VGSState.model_json_schema(mode="validation"),
+    }
+    for stem, document in documents.items():
+        _replace_tree_marks(document)
+        document.setdefault("$defs", {})
+        if stem != "vgs_state":
+            document["$defs"]["TreeNode"] = TREE_NODE_SCHEMA
+            # Only a dict node may be the root of the tree.
+            document["$defs"]["TreeRoot"] = {"allOf": [{"$ref": TREE_REF},
+                                                       {"type": "object", "required": ["dict"]}]}
+        if not document["$defs"]:
+            del document["$defs"]
+        document["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+        document["$id"] = f"https://vgs-ckpt.dev/schema/{stem}.schema.json"
+    return documents

@@ -1,0 +1,5 @@
+import sys
+
+from vgs_ckpt.cli import main
+
+sys.exit(main())

@@ -1,0 +1,141 @@
+"""The ``vgs-ckpt`` command line: inspect, verify, schema."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from vgs_ckpt import codec
+from vgs_ckpt.detect import detect_format
+from vgs_ckpt.errors import VgsCkptError
+from vgs_ckpt.schema import schema_drift, write_schemas
+
+__all__ = ["main"]
+
+
+def _human(nbytes: int) -> str:
+    size = float(nbytes)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def _table(rows: list[list[str]], headers: list[str]) -> str:
+    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows, strict=False)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+    return "\n".join(lines)
+
+
+def _describe(path: str) -> dict[str, Any]:
+    detection = detect_format(path)
+    if detection.container != "safetensors":
+        ckpt = codec.load(path, verify=False)
+        header = ckpt.header
+    else:
+        header = codec.read_header(path)
+    info: dict[str, Any] = {"path": path, "container": detection.container,
+                            "format": header.format_version.value,
+                            "header": json.loads(header.model_dump_json(exclude={"tree"}))}
+    tensors = []
+    for name, t in header.tensors.items():
+        numel = 1
+        for dim in t.shape:
+            numel *= dim
+        from vgs_ckpt._dtypes import BY_CODE
+
+        tensors.append({"name": name, "dtype": t.dtype, "shape": t.shape,
+                        "bytes": numel * BY_CODE[t.dtype].itemsize})
+    info["tensors"] = tensors
+    return info
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    info = _describe(args.path)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    head = info["header"]
+    total = sum(t["bytes"] for t in info["tensors"])
+    print(f"file         {info['path']}")
+    print(f"container    {info['container']}")
+    print(f"format       {info['format']}")
+    print(f"step         {head['step']}")
+    print(f"performance  {head['performance']}")
+    print(f"member       {head.get('member_id')}")
+    print(f"producer     {head['producer']['name']} {head['producer']['version']}, "
+          f"{head['created_at']}")
+    if head.get("hyperparams"):
+        print(f"hyperparams  {json.dumps(head['hyperparams'])}")
+    source = (head.get("lineage") or {}).get("exploited_from")
+    if source:
+        print(f"exploited    from member {source['member_id']} at step {source['step']} "
+              f"(performance {source['performance']})")
+    vgs = head.get("vgs")
+    if vgs:
+        print(f"vgs          version {vgs['vgs_version']}, step_count {vgs['step_count']}, "
+              f"beta {vgs['beta']}, alpha {vgs['alpha']}, warmup {vgs['warmup_steps']}, "
+              f"enabled {vgs['enabled']}, per-parameter EMAs "
+              f"{'yes' if vgs['param_grad_mean_ema'] else 'no'}")
+    elif info["format"] == "v2_full_parameters":
+        print("vgs          none")
+    print(f"tensors      {len(info['tensors'])}, {_human(total)}")
+    print()
+    rows = [[t["name"], t["dtype"], "x".join(map(str, t["shape"])) or "()", _human(t["bytes"])]
+            for t in info["tensors"]]
+    print(_table(rows, ["name", "dtype", "shape", "bytes"]))
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    ckpt = codec.load(args.path, verify=True)
+    print(f"OK {args.path}: {ckpt.format.value}, {len(ckpt.header.tensors)} tensors verified")
+    return 0
+
+
+def _schema(args: argparse.Namespace) -> int:
+    if args.check:
+        drift = schema_drift(args.out)
+        if drift:
+            print(f"schema files out of date in {args.out}: {', '.join(drift)}; "
+                  f"run `vgs-ckpt schema --out {args.out}`", file=sys.stderr)
+            return 1
+        print(f"schema files in {args.out} match the models")
+        return 0
+    for path in write_schemas(args.out):
+        print(f"wrote {path}")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vgs-ckpt", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("inspect", help="show format, header, VGS summary and tensors of a file")
+    p.add_argument("path")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(run=_inspect)
+    p = sub.add_parser("verify", help="load a file and check every tensor's digest")
+    p.add_argument("path")
+    p.set_defaults(run=_verify)
+    p = sub.add_parser("schema", help="write the JSON Schema files generated from the models")
+    p.add_argument("--out", default="schema", help="directory (default: ./schema)")
+    p.add_argument("--check", action="store_true",
+                   help="exit 1 if the files in --out differ from the models")
+    p.set_defaults(run=_schema)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit code."""
+    args = _parser().parse_args(argv)
+    try:
+        return int(args.run(args))
+    except VgsCkptError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
