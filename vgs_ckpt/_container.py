@@ -142,7 +142,8 @@ def read_container(source: Source) -> Container:
     (length,) = _LEN.unpack(source.read(0, 8))
     if length > MAX_HEADER_BYTES:
         raise FormatError(f"{where}: header length {length} exceeds the limit of "
-                          f"{MAX_HEADER_BYTES} bytes; this is not a safetensors file or it is corrupt")
+                          f"{MAX_HEADER_BYTES} bytes; this is not a safetensors file or it "
+                          "is corrupt")
     if 8 + length > size:
         raise FormatError(f"{where}: header length {length} runs past the end of the file "
                           f"({size} bytes); the file is truncated or not a safetensors file")

@@ -4,23 +4,35 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, TypeAlias
 
 import pydantic
 import torch
+import xxhash
 
 from vgs_ckpt._container import Container
-from vgs_ckpt.errors import FormatError, SchemaError, UnsupportedVersionError
+from vgs_ckpt._tree import Array, encode_tree
+from vgs_ckpt._version import __version__
+from vgs_ckpt.errors import FormatError, SchemaError, UnsupportedVersionError, UsageError
 from vgs_ckpt.models import (
+    DIGEST_ALGORITHM,
     FORMAT_ORDER,
     VGS_VERSIONS,
     CheckpointFormat,
     CheckpointV1,
     CheckpointV2,
+    Lineage,
+    Producer,
+    Provenance,
     VGSState,
     format_number,
     header_adapter,
 )
+
+Header: TypeAlias = CheckpointV1 | CheckpointV2
+PRODUCER = "vgs_ckpt"
+PLACEHOLDER_DIGEST = f"{DIGEST_ALGORITHM}:{'0' * 32}"
 
 META_FORMAT = "format"
 META_FORMAT_VERSION = "vgs_ckpt.format_version"
@@ -93,6 +105,54 @@ def _vgs_node(tree: dict[str, Any]) -> list[list[Any]]:
         if key == VGS_KEY and type(node) is dict and type(node.get("dict")) is list:
             return [p for p in node["dict"] if type(p) is list and len(p) == 2]
     return []
+
+
+def build(parameters: Mapping[Any, Any], *, step: int, performance: float | None,
+          member_id: str | None, hyperparams: Mapping[str, Any] | None,
+          lineage: Lineage | Mapping[str, Any] | None, format: CheckpointFormat,
+          created_at: datetime | None, where: str,
+          producer: Producer | Mapping[str, str] | None = None,
+          provenance: Provenance | Mapping[str, Any] | None = None,
+          ) -> tuple[Header, dict[str, Array]]:
+    """Validate a header for ``parameters``; digests are placeholders until written."""
+    tree, arrays = encode_tree(parameters)
+    fields: dict[str, Any] = {
+        "format_version": format, "step": step, "performance": performance,
+        "member_id": member_id,
+        "producer": producer or {"name": PRODUCER, "version": __version__},
+        "provenance": provenance,
+        "created_at": created_at or datetime.now(UTC), "tree": tree,
+        "tensors": {name: {"dtype": a.dtype.code, "shape": list(a.shape),
+                           "digest": PLACEHOLDER_DIGEST} for name, a in arrays.items()},
+    }
+    if format is CheckpointFormat.V2_FULL_PARAMETERS:
+        fields["hyperparams"] = dict(hyperparams or {})
+        fields["lineage"] = lineage if lineage is not None else Lineage()
+        fields["vgs"] = vgs_summary(parameters, tree, where)
+    else:
+        if hyperparams or lineage is not None:
+            raise UsageError(f"{where}: {format.value} files hold no hyperparams or lineage; "
+                             "save as v2_full_parameters instead")
+        fields["has_optimizer_state"] = "optimizer_state" in parameters
+    fields["format_version"] = CheckpointFormat(format)
+    try:
+        header = header_adapter.validate_python(fields)
+    except pydantic.ValidationError as exc:
+        raise SchemaError(f"{where}: invalid checkpoint header: "
+                          f"{describe_validation(exc)}") from None
+    return header, arrays
+
+
+def digest(data: memoryview) -> str:
+    """The digest string of some bytes, e.g. ``xxh3-128:<32 hex digits>``."""
+    return f"{DIGEST_ALGORITHM}:{xxhash.xxh3_128_hexdigest(data)}"
+
+
+def with_digests(header: Header, digests: Mapping[str, str]) -> Header:
+    """``header`` with the given tensor digests filled in."""
+    tensors = {n: info.model_copy(update={"digest": digests[n]})
+               for n, info in header.tensors.items()}
+    return header.model_copy(update={"tensors": tensors})
 
 
 def dump(header: CheckpointV1 | CheckpointV2) -> str:

@@ -83,10 +83,11 @@ def _torch_bytes(value: torch.Tensor, path: tuple[str | int, ...]) -> tuple[DTyp
         )
     flat = value.detach().resolve_conj().resolve_neg().to("cpu").contiguous().reshape(-1)
     raw = flat.view(torch.uint8) if flat.numel() else torch.empty(0, dtype=torch.uint8)
-    return entry, memoryview(raw.numpy()).cast("B")
+    return entry, raw.numpy().data.cast("B")
 
 
-def _numpy_bytes(value: np.ndarray[Any, Any], path: tuple[str | int, ...]) -> tuple[DType, memoryview]:
+def _numpy_bytes(value: np.ndarray[Any, Any], path: tuple[str | int, ...]
+                 ) -> tuple[DType, memoryview]:
     entry = numpy_entry(value.dtype)
     if entry is None or entry.numpy is None:
         raise UnsupportedTypeError(
@@ -94,7 +95,7 @@ def _numpy_bytes(value: np.ndarray[Any, Any], path: tuple[str | int, ...]) -> tu
             "convert it (e.g. `a.astype(np.float32)`)"
         )
     little = np.ascontiguousarray(value, dtype=entry.numpy).reshape(-1)
-    return entry, memoryview(little.view(np.uint8)).cast("B")
+    return entry, little.view(np.uint8).data.cast("B")
 
 
 def _storage_key(value: torch.Tensor) -> tuple[Any, ...] | None:
@@ -292,10 +293,9 @@ def array_kinds(node: Any) -> dict[str, str]:
             continue
         for tag, kind in (("tensor", "torch"), ("ndarray", "numpy"), ("npscalar", "numpy")):
             name = item.get(tag)
-            if type(name) is str:
-                if found.setdefault(name, kind) != kind:
-                    raise TreeError(f"tensor {name!r} is referenced both as a torch tensor and "
-                                    "as a numpy array; the header is corrupt")
+            if type(name) is str and found.setdefault(name, kind) != kind:
+                raise TreeError(f"tensor {name!r} is referenced both as a torch tensor and "
+                                "as a numpy array; the header is corrupt")
         for tag in ("list", "tuple"):
             if type(item.get(tag)) is list:
                 stack.extend(item[tag])

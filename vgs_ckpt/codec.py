@@ -6,9 +6,7 @@ import io
 import os
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
@@ -16,7 +14,7 @@ import pydantic
 import torch
 import xxhash
 
-from vgs_ckpt import _header
+from vgs_ckpt import _header, legacy
 from vgs_ckpt._atomic import atomic_write
 from vgs_ckpt._container import (
     BytesSource,
@@ -26,8 +24,9 @@ from vgs_ckpt._container import (
     layout,
     read_container,
 )
-from vgs_ckpt._tree import Array, Decoder, array_kinds, encode_tree
-from vgs_ckpt._version import __version__
+from vgs_ckpt._tree import Array, Decoder, array_kinds
+from vgs_ckpt.checkpoint import Checkpoint
+from vgs_ckpt.detect import sniff_container
 from vgs_ckpt.errors import (
     CheckpointIOError,
     CheckpointNotFoundError,
@@ -36,14 +35,17 @@ from vgs_ckpt.errors import (
     TreeError,
     UsageError,
 )
+from vgs_ckpt.migrations import warn_upgraded
 from vgs_ckpt.models import (
     DIGEST_ALGORITHM,
     CheckpointFormat,
     CheckpointV1,
     CheckpointV2,
     Lineage,
-    header_adapter,
+    Provenance,
 )
+from vgs_ckpt.upgrade import from_legacy
+from vgs_ckpt.upgrade import upgrade as upgrade_checkpoint
 
 __all__ = ["Checkpoint", "load", "load_bytes", "read_header", "save", "save_bytes"]
 
@@ -55,54 +57,6 @@ _PLACEHOLDER = f"{DIGEST_ALGORITHM}:{'0' * 32}"
 Header = CheckpointV1 | CheckpointV2
 
 
-@dataclass(frozen=True)
-class Checkpoint:
-    """A loaded checkpoint: the parameter tree and the validated header."""
-
-    parameters: dict[Any, Any]
-    header: Header
-    container: str = "safetensors"
-    path: str | None = None
-
-    @property
-    def format(self) -> CheckpointFormat:
-        """The format version of the header, e.g. ``"v2_full_parameters"``."""
-        return self.header.format_version
-
-
-def _digest(data: memoryview) -> str:
-    return f"{DIGEST_ALGORITHM}:{xxhash.xxh3_128_hexdigest(data)}"
-
-
-def _build_header(parameters: Mapping[Any, Any], *, step: int, performance: float | None,
-                  member_id: str | None, hyperparams: Mapping[str, Any] | None,
-                  lineage: Lineage | Mapping[str, Any] | None, format: CheckpointFormat,
-                  created_at: datetime | None, where: str) -> tuple[Header, dict[str, Array]]:
-    tree, arrays = encode_tree(parameters)
-    fields: dict[str, Any] = {
-        "format_version": format, "step": step, "performance": performance,
-        "member_id": member_id, "producer": {"name": PRODUCER, "version": __version__},
-        "created_at": created_at or datetime.now(UTC), "tree": tree,
-        "tensors": {name: {"dtype": a.dtype.code, "shape": list(a.shape), "digest": _PLACEHOLDER}
-                    for name, a in arrays.items()},
-    }
-    if format is CheckpointFormat.V2_FULL_PARAMETERS:
-        fields["hyperparams"] = dict(hyperparams or {})
-        fields["lineage"] = lineage if lineage is not None else Lineage()
-        fields["vgs"] = _header.vgs_summary(parameters, tree, where)
-    else:
-        if hyperparams or lineage is not None:
-            raise UsageError(f"{where}: {format.value} files hold no hyperparams or lineage; "
-                             "save as v2_full_parameters instead")
-        fields["has_optimizer_state"] = "optimizer_state" in parameters
-    try:
-        header = header_adapter.validate_python(fields)
-    except pydantic.ValidationError as exc:
-        raise SchemaError(f"{where}: invalid checkpoint header: "
-                          f"{_header.describe_validation(exc)}") from None
-    return header, arrays
-
-
 def _write(stream: IO[bytes], header: Header, arrays: dict[str, Array]) -> Header:
     """Write header and data; digests are computed while the data is written."""
     sizes = [(n, a.dtype, a.shape, len(a.data)) for n, a in arrays.items()]
@@ -112,13 +66,11 @@ def _write(stream: IO[bytes], header: Header, arrays: dict[str, Array]) -> Heade
     with ThreadPoolExecutor(1, thread_name_prefix="vgs_ckpt-hash") as pool:
         for name in order:
             data = arrays[name].data
-            digests[name] = (pool.submit(_digest, data) if len(data) > _INLINE_HASH
-                             else _digest(data))
+            digests[name] = (pool.submit(_header.digest, data) if len(data) > _INLINE_HASH
+                             else _header.digest(data))
             stream.write(data)
         final = {n: d if isinstance(d, str) else d.result() for n, d in digests.items()}
-    tensors = {n: info.model_copy(update={"digest": final[n]})
-               for n, info in header.tensors.items()}
-    header = header.model_copy(update={"tensors": tensors})
+    header = _header.with_digests(header, final)
     real_head, _ = layout(sizes, _header.metadata(header))
     if len(real_head) != len(head):  # digests have a fixed length, so this cannot happen
         raise AssertionError("header length changed when digests were filled in")
@@ -133,7 +85,8 @@ def save(path: str | os.PathLike[str], parameters: Mapping[Any, Any], *, step: i
          hyperparams: Mapping[str, Any] | None = None,
          lineage: Lineage | Mapping[str, Any] | None = None,
          format: CheckpointFormat = CheckpointFormat.V2_FULL_PARAMETERS,
-         created_at: datetime | None = None, durable: bool = True) -> Header:
+         created_at: datetime | None = None, provenance: Provenance | None = None,
+         durable: bool = True) -> Header:
     """Save a parameter tree atomically as a safetensors checkpoint.
 
     Args:
@@ -145,6 +98,7 @@ def save(path: str | os.PathLike[str], parameters: Mapping[Any, Any], *, step: i
         member_id, hyperparams, lineage: PBT bookkeeping stored in the header.
         format: ``v2_full_parameters`` (default) or the legacy ``v1_policy_only``.
         created_at: timestamp to record (default: now, UTC).
+        provenance: upgrade history to record (set by ``vgs-ckpt upgrade``).
         durable: fsync the file and its directory (default True).
 
     Returns:
@@ -159,10 +113,10 @@ def save(path: str | os.PathLike[str], parameters: Mapping[Any, Any], *, step: i
         >>> vgs_ckpt.save(tmp / "m.safetensors", {"policy": {"w": torch.ones(2)}}, step=1)
     """
     target = os.fspath(path)
-    header, arrays = _build_header(parameters, step=step, performance=performance,
+    header, arrays = _header.build(parameters, step=step, performance=performance,
                                    member_id=member_id, hyperparams=hyperparams,
                                    lineage=lineage, format=format, created_at=created_at,
-                                   where=target)
+                                   where=target, provenance=provenance)
     written: list[Header] = []
     atomic_write(target, lambda f: written.append(_write(f, header, arrays)), durable=durable)
     return written[0]
@@ -172,12 +126,13 @@ def save_bytes(parameters: Mapping[Any, Any], *, step: int, performance: float |
                member_id: str | None = None, hyperparams: Mapping[str, Any] | None = None,
                lineage: Lineage | Mapping[str, Any] | None = None,
                format: CheckpointFormat = CheckpointFormat.V2_FULL_PARAMETERS,
-               created_at: datetime | None = None) -> bytes:
+               created_at: datetime | None = None,
+               provenance: Provenance | None = None) -> bytes:
     """The bytes :func:`save` would write, as a ``bytes`` object."""
-    header, arrays = _build_header(parameters, step=step, performance=performance,
+    header, arrays = _header.build(parameters, step=step, performance=performance,
                                    member_id=member_id, hyperparams=hyperparams,
                                    lineage=lineage, format=format, created_at=created_at,
-                                   where="<bytes>")
+                                   where="<bytes>", provenance=provenance)
     buffer = io.BytesIO()
     _write(buffer, header, arrays)
     return buffer.getvalue()
@@ -221,10 +176,11 @@ def _empty(kind: str, container: Container, name: str) -> tuple[Any, memoryview]
             raise TreeError(f"tensor {name!r} of dtype {entry.dtype.code} is marked as a numpy "
                             "array but numpy has no such dtype; the file is corrupt")
         array = np.empty(entry.shape, dtype=np_dtype)
-        return array, memoryview(array.reshape(-1).view(np.uint8)).cast("B")
+        return array, array.reshape(-1).view(np.uint8).data.cast("B")
     tensor = torch.empty(entry.shape, dtype=entry.dtype.torch)
-    raw = tensor.reshape(-1).view(torch.uint8) if entry.nbytes else torch.empty(0, dtype=torch.uint8)
-    return tensor, memoryview(raw.numpy()).cast("B")
+    raw = (tensor.reshape(-1).view(torch.uint8) if entry.nbytes
+           else torch.empty(0, dtype=torch.uint8))
+    return tensor, raw.numpy().data.cast("B")
 
 
 def _read_arrays(source: Source, container: Container, header: Header,
@@ -261,9 +217,8 @@ def _read_arrays(source: Source, container: Container, header: Header,
     return out
 
 
-def _load(source: Source, map_location: str | torch.device | None, verify: bool,
-          path: str | None) -> Checkpoint:
-    device = _device(map_location)
+def _load_safetensors(source: Source, device: torch.device, verify: bool,
+                      path: str | None) -> Checkpoint:
     container = read_container(source)
     header = _header.parse(container, source.where)
     try:
@@ -287,18 +242,45 @@ def _load(source: Source, map_location: str | torch.device | None, verify: bool,
     return Checkpoint(parameters, header, "safetensors", path)
 
 
+def _load(source: Source, data: str | bytes | bytearray | memoryview,
+          map_location: str | torch.device | None, verify: bool, upgrade: bool,
+          path: str | None) -> Checkpoint:
+    device = _device(map_location)
+    size = source.size()
+    kind = sniff_container(source.read(0, min(64, size)), size, source.where)
+    if kind == "safetensors":
+        checkpoint = _load_safetensors(source, device, verify, path)
+    else:
+        found = legacy.read_legacy(data, container=kind, map_location=device)
+        mtime = datetime.fromtimestamp(os.stat(path).st_mtime, UTC) if path else None
+        checkpoint = from_legacy(found, kind, path, mtime)
+    if not upgrade:
+        return checkpoint
+    upgraded, applied = upgrade_checkpoint(checkpoint)
+    if applied:
+        original = (checkpoint.format.value if kind == "safetensors"
+                    else f"{checkpoint.format.value} ({kind}, layout {found.layout})")
+        warn_upgraded(source.where, original, applied)
+    return upgraded
+
+
 def _json_or_none(model: pydantic.BaseModel | None) -> str | None:
     return None if model is None else model.model_dump_json()  # NaN-safe comparison
 
 
 def load(path: str | os.PathLike[str], *, map_location: str | torch.device | None = "cpu",
-         verify: bool = True) -> Checkpoint:
-    """Load a checkpoint file.
+         verify: bool = True, upgrade: bool = True) -> Checkpoint:
+    """Load a checkpoint file: a vgs_ckpt file or a legacy ``torch.save`` one.
+
+    The format is recognised from the bytes. Legacy torch files are read with
+    ``torch.load(weights_only=True)`` only, so loading never runs code.
 
     Args:
         path: the file to read.
         map_location: device for every torch tensor (numpy arrays stay numpy).
         verify: recompute every tensor's digest and compare it with the header.
+        upgrade: upgrade an older format (or VGS state) to the latest in memory, with a
+            :class:`LegacyFormatWarning`; with False the checkpoint is returned as stored.
 
     Returns:
         A :class:`Checkpoint` with ``parameters``, ``header`` and ``format``.
@@ -308,18 +290,19 @@ def load(path: str | os.PathLike[str], *, map_location: str | torch.device | Non
         FormatError: the bytes are not a well-formed checkpoint.
         IntegrityError: a tensor's bytes do not match its digest (the tensor is named).
         UnsupportedVersionError: the file has a newer format than this library knows.
+        UnsafeCheckpointError: a legacy pickle asks for a forbidden global (nothing runs).
 
     Example:
         >>> ckpt = vgs_ckpt.load("member_3.safetensors")
         >>> ckpt.header.step, ckpt.format
     """
+    where = os.fspath(path)
     with _open(path) as handle:
-        return _load(FileSource(handle, os.fspath(path)), map_location, verify,
-                     os.fspath(Path(path)))
+        return _load(FileSource(handle, where), where, map_location, verify, upgrade, where)
 
 
 def load_bytes(data: bytes | bytearray | memoryview, *,
                map_location: str | torch.device | None = "cpu",
-               verify: bool = True) -> Checkpoint:
-    """Load a checkpoint from bytes made by :func:`save_bytes` (or read from a file)."""
-    return _load(BytesSource(data), map_location, verify, None)
+               verify: bool = True, upgrade: bool = True) -> Checkpoint:
+    """Load a checkpoint from bytes (as :func:`load` does for a file)."""
+    return _load(BytesSource(data), data, map_location, verify, upgrade, None)

@@ -52,7 +52,7 @@ def _source_of(path_or_bytes: str | os.PathLike[str] | bytes | bytearray | memor
         return BytesSource(path_or_bytes), None
     where = os.fspath(path_or_bytes)
     try:
-        handle = open(where, "rb", buffering=0)
+        handle = open(where, "rb", buffering=0)  # noqa: SIM115 - closed by detect_format
     except FileNotFoundError:
         raise CheckpointNotFoundError(f"checkpoint {where} does not exist") from None
     except OSError as exc:
