@@ -1,7 +1,9 @@
 """vgs_ckpt: a versioned, pickle-free checkpoint format for PBT with VGS state."""
 
 from vgs_ckpt._version import __version__
-from vgs_ckpt.codec import Checkpoint, load, load_bytes, read_header, save, save_bytes
+from vgs_ckpt.checkpoint import Checkpoint
+from vgs_ckpt.codec import load, load_bytes, read_header, save, save_bytes
+from vgs_ckpt.detect import Detection, detect_format
 from vgs_ckpt.errors import (
     CheckpointIOError,
     CheckpointNotFoundError,
@@ -15,6 +17,7 @@ from vgs_ckpt.errors import (
     UsageError,
     VgsCkptError,
 )
+from vgs_ckpt.migrations import LegacyFormatWarning
 from vgs_ckpt.models import (
     CheckpointFormat,
     CheckpointV1,
@@ -25,6 +28,7 @@ from vgs_ckpt.models import (
     TensorInfo,
     VGSState,
 )
+from vgs_ckpt.upgrade import upgrade
 
 __all__ = [
     "Checkpoint",
@@ -33,9 +37,11 @@ __all__ = [
     "CheckpointNotFoundError",
     "CheckpointV1",
     "CheckpointV2",
+    "Detection",
     "ExploitSource",
     "FormatError",
     "IntegrityError",
+    "LegacyFormatWarning",
     "Lineage",
     "Provenance",
     "SchemaError",
@@ -48,9 +54,11 @@ __all__ = [
     "VGSState",
     "VgsCkptError",
     "__version__",
+    "detect_format",
     "load",
     "load_bytes",
     "read_header",
     "save",
     "save_bytes",
+    "upgrade",
 ]

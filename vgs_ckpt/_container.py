@@ -124,12 +124,14 @@ def layout(arrays: Iterable[tuple[str, DType, tuple[int, ...], int]],
     return _LEN.pack(len(raw)) + raw, [a[0] for a in items]
 
 
-def looks_like_safetensors(prefix: bytes, size: int) -> bool:
+def looks_like_safetensors(prefix: bytes) -> bool:
     """Whether the first bytes read like a safetensors header (length, then ``{``)."""
     if len(prefix) < 9:
         return False
     (length,) = _LEN.unpack_from(prefix)
-    return 2 <= length <= min(size - 8, MAX_HEADER_BYTES) and prefix[8:9] == b"{"
+    # The length is not checked against the file size here, so that a truncated
+    # file is reported as truncated rather than as "not a checkpoint".
+    return 2 <= length <= MAX_HEADER_BYTES and prefix[8:9] == b"{"
 
 
 def read_container(source: Source) -> Container:

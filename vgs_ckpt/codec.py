@@ -247,7 +247,7 @@ def _load(source: Source, data: str | bytes | bytearray | memoryview,
           path: str | None) -> Checkpoint:
     device = _device(map_location)
     size = source.size()
-    kind = sniff_container(source.read(0, min(64, size)), size, source.where)
+    kind = sniff_container(source.read(0, min(64, size)), source.where)
     if kind == "safetensors":
         checkpoint = _load_safetensors(source, device, verify, path)
     else:

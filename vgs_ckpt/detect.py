@@ -34,13 +34,13 @@ class Detection(NamedTuple):
     container: ContainerKind
 
 
-def sniff_container(prefix: bytes, size: int, where: str) -> ContainerKind:
+def sniff_container(prefix: bytes, where: str) -> ContainerKind:
     """The container kind from the first bytes of a file."""
     if prefix.startswith(_ZIP_MAGIC):
         return "torch-zip"
     if prefix.startswith(_TORCH_PICKLE_MAGIC):
         return "torch-pickle"
-    if looks_like_safetensors(prefix, size):
+    if looks_like_safetensors(prefix):
         return "safetensors"
     raise FormatError(f"{where}: not a checkpoint: the first bytes {prefix[:16]!r} are neither "
                       "a safetensors header nor a torch.save container")
@@ -83,7 +83,7 @@ def detect_format(path_or_bytes: str | os.PathLike[str] | bytes | bytearray | me
     source, handle = _source_of(path_or_bytes)
     try:
         size = source.size()
-        container = sniff_container(source.read(0, min(_PREFIX, size)), size, source.where)
+        container = sniff_container(source.read(0, min(_PREFIX, size)), source.where)
         if container == "safetensors":
             header = _header.parse(read_container(source), source.where)
             return Detection(header.format_version, container)

@@ -20,6 +20,9 @@ from pydantic import (
     ConfigDict,
     Field,
     JsonValue,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
     TypeAdapter,
     WithJsonSchema,
     field_validator,
@@ -143,14 +146,14 @@ class VGSState(_Model):
     """
 
     vgs_version: Literal["1.0", "2.0", "3.0", "3.1", "3.2"]
-    enabled: bool = True
-    beta: Annotated[float, Field(gt=0.0, lt=1.0)]
-    alpha: Annotated[FiniteFloat, Field(ge=0.0)]
-    eps: Annotated[FiniteFloat, Field(gt=0.0)]
-    warmup_steps: NonNegativeInt
-    step_count: NonNegativeInt
-    min_scaling_factor: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
-    variance_cap: Annotated[FiniteFloat, Field(gt=0.0)] | None = None
+    enabled: StrictBool = True
+    beta: Annotated[StrictFloat, Field(gt=0.0, lt=1.0)]
+    alpha: Annotated[StrictFloat, AfterValidator(_finite), Field(ge=0.0)]
+    eps: Annotated[StrictFloat, AfterValidator(_finite), Field(gt=0.0)]
+    warmup_steps: Annotated[StrictInt, Field(ge=0)]
+    step_count: Annotated[StrictInt, Field(ge=0)]
+    min_scaling_factor: Annotated[StrictFloat, Field(gt=0.0, le=1.0)] | None = None
+    variance_cap: Annotated[StrictFloat, AfterValidator(_finite), Field(gt=0.0)] | None = None
     # Legacy global statistics (logging only); any float, NaN and inf included.
     grad_mean_ema: AnyFloat | None = None
     grad_var_ema: AnyFloat | None = None

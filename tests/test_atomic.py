@@ -1,0 +1,92 @@
+"""Atomic writes: the target holds the old bytes or all of the new ones, never a mix."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import safetensors
+import torch
+
+import vgs_ckpt
+from vgs_ckpt import CheckpointIOError, _container
+
+
+def test_failure_mid_write_keeps_the_old_file_and_leaves_no_temp(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "m.safetensors"
+    vgs_ckpt.save(path, {"w": torch.zeros(4)}, step=1)
+    before = path.read_bytes()
+    calls = {"n": 0}
+    real_layout = _container.layout
+
+    def exploding_layout(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second call happens after all data was written
+            raise OSError(28, "No space left on device")
+        return real_layout(*args, **kwargs)
+
+    monkeypatch.setattr("vgs_ckpt.codec.layout", exploding_layout)
+    with pytest.raises(CheckpointIOError, match="intact"):
+        vgs_ckpt.save(path, {"w": torch.ones(4)}, step=2)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
+
+
+def test_killed_writer_never_leaves_a_partial_target(tmp_path: Path) -> None:
+    path = tmp_path / "m.safetensors"
+    vgs_ckpt.save(path, {"w": torch.zeros(4)}, step=1)
+    before = path.read_bytes()
+    script = textwrap.dedent(f"""
+        import os, signal, torch, vgs_ckpt
+        from vgs_ckpt import codec
+        real = codec.layout
+        n = [0]
+        def layout(*a, **k):
+            n[0] += 1
+            if n[0] == 2:  # all data written, header not yet final: die now
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(*a, **k)
+        codec.layout = layout
+        vgs_ckpt.save({str(path)!r}, {{"w": torch.ones(1_000_000)}}, step=2)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], check=False)
+    assert proc.returncode == -signal.SIGKILL
+    assert path.read_bytes() == before
+    assert vgs_ckpt.load(path).header.step == 1
+
+
+def test_saving_over_a_memory_mapped_file_corrupts_neither(tmp_path: Path) -> None:
+    path = tmp_path / "m.safetensors"
+    vgs_ckpt.save(path, {"w": torch.zeros(1000)}, step=1)
+    with safetensors.safe_open(str(path), framework="pt") as old:
+        vgs_ckpt.save(path, {"w": torch.ones(1000)}, step=2)
+        assert torch.equal(old.get_tensor("w"), torch.zeros(1000))
+    assert torch.equal(vgs_ckpt.load(path).parameters["w"], torch.ones(1000))
+
+
+def test_saving_over_a_file_open_for_reading(tmp_path: Path) -> None:
+    path = tmp_path / "m.safetensors"
+    vgs_ckpt.save(path, {"w": torch.zeros(10)}, step=1)
+    with open(path, "rb") as handle:
+        vgs_ckpt.save(path, {"w": torch.ones(10)}, step=2)
+        assert vgs_ckpt.load_bytes(handle.read()).header.step == 1
+    assert vgs_ckpt.read_header(path).step == 2
+
+
+def test_new_files_get_normal_permissions(tmp_path: Path) -> None:
+    path = tmp_path / "m.safetensors"
+    vgs_ckpt.save(path, {"w": torch.zeros(1)}, step=1, durable=False)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_missing_directory_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointIOError, match="directory"):
+        vgs_ckpt.save(tmp_path / "no" / "such" / "m.safetensors", {"w": torch.ones(1)}, step=0)
