@@ -232,6 +232,8 @@ def _load_safetensors(source: Source, device: torch.device, verify: bool,
             arrays = {n: a.to(device) if isinstance(a, torch.Tensor) else a
                       for n, a in arrays.items()}
         parameters = Decoder(arrays.__getitem__, arrays.__getitem__).decode(header.tree)
+        if not isinstance(parameters, dict):
+            raise TreeError("the root of the tree is not a dict node")
     except TreeError as exc:
         raise TreeError(f"{source.where}: {exc}; the file is corrupt") from None
     if isinstance(header, CheckpointV2):

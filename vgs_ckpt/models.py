@@ -69,7 +69,7 @@ def _finite(value: float | None) -> float | None:
 
 
 FiniteFloat: TypeAlias = Annotated[float, AfterValidator(_finite)]
-NonNegativeInt: TypeAlias = Annotated[int, Field(ge=0)]
+NonNegativeInt: TypeAlias = Annotated[StrictInt, Field(ge=0)]
 DTypeCode: TypeAlias = Literal[CODES]  # type: ignore[valid-type]
 # Non-finite floats are written as the strings "NaN", "Infinity", "-Infinity".
 AnyFloat: TypeAlias = Annotated[float, WithJsonSchema({"anyOf": [
