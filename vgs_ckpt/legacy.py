@@ -35,10 +35,16 @@ class LegacyCheckpoint:
 
 def _torch_load(data: str | bytes | bytearray | memoryview, container: str,
                 map_location: str | torch.device, where: str) -> Any:
-    target: Any = data if isinstance(data, str) else io.BytesIO(bytes(data))
+    # torch.load picks a loader by file name (".safetensors"); we go by the bytes,
+    # so such a path is passed as an open file (which cannot be memory-mapped).
+    by_path = isinstance(data, str) and not data.endswith(".safetensors")
     try:
+        if isinstance(data, str) and not by_path:
+            with open(data, "rb") as handle:
+                return torch.load(handle, map_location=map_location, weights_only=True)
+        target: Any = data if by_path else io.BytesIO(bytes(data))  # type: ignore[arg-type]
         return torch.load(target, map_location=map_location, weights_only=True,
-                          mmap=container == "torch-zip" and isinstance(data, str))
+                          mmap=container == "torch-zip" and by_path)
     except pickle.UnpicklingError as exc:
         found = _GLOBAL.search(str(exc))
         if found or "weights_only" in str(exc).lower() or "Weights only" in str(exc):
