@@ -1,4 +1,4 @@
-"""The ``vgs-ckpt`` command line: inspect, verify, schema."""
+"""The ``vgs-ckpt`` command line: inspect, verify, upgrade, schema."""
 
 from __future__ import annotations
 
@@ -6,9 +6,12 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from vgs_ckpt import codec
+from vgs_ckpt._dtypes import BY_CODE
+from vgs_ckpt.convert import upgrade_files
 from vgs_ckpt.detect import detect_format
 from vgs_ckpt.errors import VgsCkptError
 from vgs_ckpt.schema import schema_drift, write_schemas
@@ -48,8 +51,6 @@ def _describe(path: str) -> dict[str, Any]:
         numel = 1
         for dim in t.shape:
             numel *= dim
-        from vgs_ckpt._dtypes import BY_CODE
-
         tensors.append({"name": name, "dtype": t.dtype, "shape": t.shape,
                         "bytes": numel * BY_CODE[t.dtype].itemsize})
     info["tensors"] = tensors
@@ -99,6 +100,44 @@ def _verify(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Progress:
+    """A progress bar on stderr: redrawn in place on a terminal, every 10% otherwise."""
+
+    MIN_FILES = 5
+
+    def __init__(self) -> None:
+        self._tty = sys.stderr.isatty()
+        self._last = -1
+
+    def __call__(self, done: int, total: int, current: Path) -> None:
+        if total < self.MIN_FILES:
+            return
+        width = 30
+        filled = width * done // total
+        line = f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {current.name}"
+        if self._tty:
+            end = "\n" if done == total else ""
+            print(f"\r{line[:100]:<100}", end=end, file=sys.stderr, flush=True)
+        elif done * 10 // total != self._last:
+            self._last = done * 10 // total
+            print(line, file=sys.stderr, flush=True)
+
+
+def _upgrade(args: argparse.Namespace) -> int:
+    results = upgrade_files(args.paths, out=args.out, in_place=args.in_place,
+                            dry_run=args.dry_run, progress=_Progress())
+    if not results:
+        print("no checkpoint files found", file=sys.stderr)
+        return 1
+    rows = [[str(r.source), r.original, r.final, ", ".join(r.steps) or "-",
+             r.result + (f" (backup {r.backup.name})" if r.backup else "")] for r in results]
+    print(_table(rows, ["file", "from", "to", "steps applied", "result"]))
+    failed = sum(r.failed for r in results)
+    print(f"\n{len(results)} files: {len(results) - failed} ok, {failed} failed"
+          + (" (dry run: nothing written)" if args.dry_run else ""))
+    return 1 if failed else 0
+
+
 def _schema(args: argparse.Namespace) -> int:
     if args.check:
         drift = schema_drift(args.out)
@@ -123,6 +162,15 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="load a file and check every tensor's digest")
     p.add_argument("path")
     p.set_defaults(run=_verify)
+    p = sub.add_parser("upgrade", help="convert legacy and older checkpoints to the latest "
+                       "format")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="files or directories (recursive)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--out", metavar="DIR", help="write upgraded files into DIR")
+    where.add_argument("--in-place", action="store_true",
+                       help="replace each file, keeping NAME.bak (never overwriting a backup)")
+    p.add_argument("--dry-run", action="store_true", help="report what would change; write nothing")
+    p.set_defaults(run=_upgrade)
     p = sub.add_parser("schema", help="write the JSON Schema files generated from the models")
     p.add_argument("--out", default="schema", help="directory (default: ./schema)")
     p.add_argument("--check", action="store_true",

@@ -146,6 +146,9 @@ def _open(path: str | os.PathLike[str]) -> IO[bytes]:
     except OSError as exc:
         raise CheckpointIOError(exc.errno, f"cannot open checkpoint {os.fspath(path)}: "
                                 f"{exc.strerror}", os.fspath(path)) from None
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"invalid checkpoint path {path!r:.80}: {exc}; pass a str or "
+                         "os.PathLike (use load_bytes for bytes)") from None
 
 
 def read_header(path: str | os.PathLike[str]) -> Header:
@@ -259,10 +262,11 @@ def _load(source: Source, data: str | bytes | bytearray | memoryview,
     if not upgrade:
         return checkpoint
     upgraded, applied = upgrade_checkpoint(checkpoint)
-    if applied:
-        original = (checkpoint.format.value if kind == "safetensors"
-                    else f"{checkpoint.format.value} ({kind}, layout {found.layout})")
-        warn_upgraded(source.where, original, applied)
+    if kind != "safetensors":
+        warn_upgraded(source.where, f"{checkpoint.format.value} ({kind}, layout "
+                      f"{found.layout})", applied or ["read from a torch.save container"])
+    elif applied:
+        warn_upgraded(source.where, checkpoint.format.value, applied)
     return upgraded
 
 

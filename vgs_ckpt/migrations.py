@@ -142,7 +142,9 @@ def vgs_3_1_to_3_2(state: Upgrading) -> Upgrading:
     The statistics mean the same in both versions and are kept unchanged.
     """
     old = _vgs(state)
-    new = {**VGS_3_2_DEFAULTS, **old, "vgs_version": "3.2"}
+    new = {**old, "vgs_version": "3.2"}
+    for key, default in VGS_3_2_DEFAULTS.items():
+        new.setdefault(key, default)
     return _with_vgs(state, new)
 
 

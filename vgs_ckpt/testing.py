@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -40,10 +41,11 @@ def scalars() -> st.SearchStrategy[Any]:
 
 
 @st.composite
-def tensors(draw: st.DrawFn, max_dims: int = 3, max_side: int = 4) -> torch.Tensor:
-    """Torch tensors of every supported dtype with random bytes; 0-d, empty and
-    non-contiguous ones included."""
-    dtype = draw(st.sampled_from(_TORCH_DTYPES))
+def tensors(draw: st.DrawFn, max_dims: int = 3, max_side: int = 4,
+            dtypes: Sequence[torch.dtype] | None = None) -> torch.Tensor:
+    """Torch tensors of every supported dtype (or of ``dtypes``) with random bytes;
+    0-d, empty and non-contiguous ones included."""
+    dtype = draw(st.sampled_from(list(dtypes) if dtypes is not None else _TORCH_DTYPES))
     shape = tuple(draw(st.lists(st.integers(0, max_side), max_size=max_dims)))
     numel = math.prod(shape)
     itemsize = torch.empty((), dtype=dtype).element_size()

@@ -44,8 +44,8 @@ def upgrade(checkpoint: Checkpoint,
     records the original format, container and VGS version, and every applied step.
 
     Returns:
-        ``(checkpoint, applied)``; ``applied`` is empty when nothing changed, and
-        then the same checkpoint object is returned.
+        ``(checkpoint, applied)``; when ``applied`` is empty and the checkpoint came
+        from a safetensors file, the same checkpoint object is returned.
 
     Raises:
         UnsupportedVersionError: ``target`` is older than the checkpoint, or the VGS
@@ -63,7 +63,9 @@ def upgrade(checkpoint: Checkpoint,
                       vgs_state_absent=old.vgs_state_absent if old else False,
                       legacy=dict(old.legacy) if old else {})
     state, applied = upgrade_tree(state, CheckpointFormat(target))
-    if not applied:
+    # A file read from a legacy torch container gets a provenance record even when
+    # no step applies, so the container it came from is not forgotten.
+    if not applied and (old is not None or checkpoint.container == "safetensors"):
         return checkpoint, []
     provenance = {
         "original_format": old.original_format if old else header.format_version.value,

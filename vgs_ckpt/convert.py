@@ -1,0 +1,160 @@
+"""Converting checkpoint files on disk to the latest format (``vgs-ckpt upgrade``)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from vgs_ckpt import codec
+from vgs_ckpt._atomic import atomic_write
+from vgs_ckpt.detect import sniff_container
+from vgs_ckpt.errors import CheckpointIOError, FormatError, UsageError, VgsCkptError
+from vgs_ckpt.models import CheckpointV2
+from vgs_ckpt.upgrade import upgrade
+
+__all__ = ["FileResult", "find_checkpoints", "upgrade_file", "upgrade_files"]
+
+_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin", ".safetensors"}
+
+
+@dataclass(frozen=True)
+class FileResult:
+    """What happened to one file."""
+
+    source: Path
+    target: Path | None
+    original: str  # the format (and container) the file had, or "?" if unreadable
+    final: str
+    steps: tuple[str, ...]
+    result: str  # "upgraded", "up to date", "would upgrade", "failed: ..."
+    backup: Path | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.result.startswith("failed")
+
+
+def find_checkpoints(paths: Iterable[str | os.PathLike[str]]) -> Iterator[tuple[Path, Path]]:
+    """``(file, root)`` for every file argument and every checkpoint-like file below a
+    directory argument (by suffix, or by content for files without a known suffix).
+    Hidden files, temporary files and backups are skipped."""
+    for arg in paths:
+        path = Path(arg)
+        if not path.is_dir():
+            yield path, path.parent
+            continue
+        for found in sorted(path.rglob("*")):
+            name = found.name
+            if (not found.is_file() or name.startswith(".") or ".bak" in found.suffixes
+                    or name.endswith(".tmp")):
+                continue
+            if found.suffix in _SUFFIXES or _sniffs(found):
+                yield found, path
+
+
+def _sniffs(path: Path) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            sniff_container(handle.read(64), str(path))
+    except (OSError, FormatError):
+        return False
+    return True
+
+
+def _backup_path(path: Path) -> Path:
+    """Link the file to the first free ``NAME.bak``, ``NAME.bak.1``, ...; never overwrite."""
+    for n in range(10_000):
+        candidate = path.with_name(f"{path.name}.bak" + (f".{n}" if n else ""))
+        try:
+            os.link(path, candidate)
+        except FileExistsError:
+            continue
+        except OSError:  # no hard links here: copy, refusing to overwrite
+            try:
+                with open(path, "rb") as src, open(candidate, "xb") as dst:
+                    shutil.copyfileobj(src, dst)
+            except FileExistsError:
+                continue
+        return candidate
+    raise CheckpointIOError(f"no free backup name for {path}")
+
+
+def _copy_into(source: Path, handle: IO[bytes]) -> None:
+    with open(source, "rb") as src:
+        shutil.copyfileobj(src, handle)
+
+
+def upgrade_file(source: Path, target: Path | None, *, dry_run: bool = False) -> FileResult:
+    """Upgrade one file into ``target`` (None: in place, keeping a backup)."""
+    original = "?"
+    try:
+        loaded = codec.load(source, upgrade=False)
+        original = f"{loaded.format.value} ({loaded.container})"
+        upgraded, steps = upgrade(loaded)
+        final = upgraded.format.value
+        if loaded.container != "safetensors" and not steps:
+            steps = ["torch->safetensors"]
+        done = target if target is not None else source
+        if dry_run:
+            return FileResult(source, done, original, final, tuple(steps),
+                              "would upgrade" if steps else "up to date")
+        if not steps:
+            if target is not None and target.resolve() != source.resolve():
+                atomic_write(target, lambda f: _copy_into(source, f))
+            return FileResult(source, done, original, final, (), "up to date")
+        backup = _backup_path(source) if target is None else None
+        header = upgraded.header
+        v2 = header if isinstance(header, CheckpointV2) else None
+        codec.save(done, upgraded.parameters, step=header.step, performance=header.performance,
+                   member_id=header.member_id, hyperparams=v2.hyperparams if v2 else None,
+                   lineage=v2.lineage if v2 else None, format=header.format_version,
+                   created_at=header.created_at, provenance=header.provenance)
+        return FileResult(source, done, original, final, tuple(steps), "upgraded", backup)
+    except (VgsCkptError, OSError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return FileResult(source, target, original, "-", (),
+                          f"failed: {type(exc).__name__}: {first}")
+
+
+def upgrade_files(paths: Iterable[str | os.PathLike[str]], *, out: str | os.PathLike[str] | None,
+                  in_place: bool, dry_run: bool = False,
+                  progress: Callable[[int, int, Path], None] | None = None) -> list[FileResult]:
+    """Upgrade every checkpoint among ``paths`` into ``out`` or in place.
+
+    With ``out``, a file found under directory argument D goes to
+    ``out/<path relative to D>`` with the suffix ``.safetensors``.
+    One file's failure does not stop the others.
+    """
+    if (out is None) == (not in_place) and not dry_run:
+        raise UsageError("give exactly one of --out DIR or --in-place (or --dry-run)")
+    if out is not None and in_place:
+        raise UsageError("--out and --in-place exclude each other")
+    files = list(find_checkpoints(paths))
+    results: list[FileResult] = []
+    claimed: dict[Path, Path] = {}
+    for index, (source, root) in enumerate(files):
+        if progress:
+            progress(index, len(files), source)
+        target = None
+        if out is not None:
+            target = Path(out) / source.relative_to(root).with_suffix(".safetensors")
+            if target.resolve() in claimed:
+                results.append(FileResult(source, target, "?", "-", (),
+                                          f"failed: {target} is also the output of "
+                                          f"{claimed[target.resolve()]}; rename one"))
+                continue
+            claimed[target.resolve()] = source
+            if not dry_run:
+                target.parent.mkdir(parents=True, exist_ok=True)
+        if not source.is_file():
+            results.append(FileResult(source, target, "?", "-", (),
+                                      "failed: no such file"))
+            continue
+        results.append(upgrade_file(source, target, dry_run=dry_run))
+    if progress:
+        progress(len(files), len(files), Path())
+    return results
