@@ -150,8 +150,8 @@ _LEGACY_DTYPES = [torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32,
                   torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64]
 _leaf_trees = st.dictionaries(
     st.text("abcdefgh._", min_size=1, max_size=6),
-    st.one_of(tensors(dtypes=_LEGACY_DTYPES), st.integers(-5, 5), st.floats(allow_nan=False), st.booleans(),
-              st.none(), st.text(max_size=4)), max_size=5)
+    st.one_of(tensors(dtypes=_LEGACY_DTYPES), st.integers(-5, 5), st.floats(allow_nan=False),
+              st.booleans(), st.none(), st.text(max_size=4)), max_size=5)
 
 
 @settings(max_examples=40, deadline=None,
