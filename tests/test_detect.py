@@ -30,7 +30,7 @@ def test_detection_reads_no_tensor_bytes(tmp_path: Path, monkeypatch: pytest.Mon
     def forbidden(*args: object) -> None:
         raise AssertionError("tensor bytes were read")
 
-    monkeypatch.setattr(_container.FileSource, "readinto", forbidden)
+    monkeypatch.setattr(_container.FileSource, "views", forbidden)
     assert detect_format(path).format == "v2_full_parameters"
     assert vgs_ckpt.read_header(path).step == 0
 

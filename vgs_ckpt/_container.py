@@ -7,7 +7,9 @@ precise error, and tensors can be read straight into their own buffers.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import mmap
 import os
 import struct
 from collections.abc import Iterable
@@ -54,7 +56,10 @@ class Source(Protocol):
 
     def read(self, offset: int, count: int) -> bytes: ...
 
-    def readinto(self, offset: int, buffer: memoryview) -> None: ...
+    def views(self, container: Container) -> tuple[dict[str, memoryview], bool]:
+        """Zero-copy views of every tensor's bytes, and whether they may be shared
+        (writable, private to this process) rather than copied."""
+        ...
 
 
 class FileSource:
@@ -72,14 +77,21 @@ class FileSource:
                               f"{offset}, got {len(data)}; the file is incomplete - re-save it")
         return data
 
-    def readinto(self, offset: int, buffer: memoryview) -> None:
-        done, total = 0, len(buffer)
-        while done < total:
-            got = os.preadv(self._fd, [buffer[done:]], offset + done)
-            if got == 0:
-                raise FormatError(f"{self.where}: truncated file: data ends at offset "
-                                  f"{offset + done}, expected {total - done} more bytes")
-            done += got
+    def views(self, container: Container) -> tuple[dict[str, memoryview], bool]:
+        # A private (copy-on-write) mapping: tensors are views of the page cache, a
+        # write to a tensor never reaches the file, and a writer that replaces the
+        # file atomically (as vgs_ckpt does) leaves these pages intact.
+        if container.total_bytes == container.header_bytes:
+            return {name: memoryview(b"") for name in container.entries}, False
+        try:
+            mapping = mmap.mmap(self._fd, container.total_bytes, access=mmap.ACCESS_COPY)
+        except (OSError, ValueError) as exc:
+            raise FormatError(f"{self.where}: cannot map the tensor data ({exc}); the file "
+                              "changed while being read, or is truncated") from None
+        with contextlib.suppress(OSError, AttributeError):  # a hint; not every OS has it
+            mapping.madvise(mmap.MADV_WILLNEED)
+        whole = memoryview(mapping)
+        return {n: whole[e.start:e.end] for n, e in container.entries.items()}, True
 
 
 class BytesSource:
@@ -96,12 +108,9 @@ class BytesSource:
                               f"{offset}, only {max(0, len(self._data) - offset)} remain")
         return bytes(self._data[offset:offset + count])
 
-    def readinto(self, offset: int, buffer: memoryview) -> None:
-        end = offset + len(buffer)
-        if end > len(self._data):
-            raise FormatError(f"{self.where}: truncated data: tensor bytes end at {end}, "
-                              f"the data has {len(self._data)}")
-        buffer[:] = self._data[offset:end]
+    def views(self, container: Container) -> tuple[dict[str, memoryview], bool]:
+        # The caller's bytes may be immutable or reused: arrays are copied out.
+        return {n: self._data[e.start:e.end] for n, e in container.entries.items()}, False
 
 
 def layout(arrays: Iterable[tuple[str, DType, tuple[int, ...], int]],

@@ -12,13 +12,13 @@ from typing import IO, Any
 import numpy as np
 import pydantic
 import torch
-import xxhash
 
 from vgs_ckpt import _header, legacy
 from vgs_ckpt._atomic import atomic_write
 from vgs_ckpt._container import (
     BytesSource,
     Container,
+    Entry,
     FileSource,
     Source,
     layout,
@@ -50,8 +50,8 @@ from vgs_ckpt.upgrade import upgrade as upgrade_checkpoint
 __all__ = ["Checkpoint", "load", "load_bytes", "read_header", "save", "save_bytes"]
 
 PRODUCER = "vgs_ckpt"
-_CHUNK = 16 * 1024 * 1024  # hashing is overlapped with I/O chunk by chunk
 _INLINE_HASH = 256 * 1024  # smaller arrays are hashed on the calling thread
+_HASH_THREADS = 2
 _PLACEHOLDER = f"{DIGEST_ALGORITHM}:{'0' * 32}"
 
 Header = CheckpointV1 | CheckpointV2
@@ -171,53 +171,49 @@ def _device(map_location: str | torch.device | None) -> torch.device:
                          "'cuda:0'") from None
 
 
-def _empty(kind: str, container: Container, name: str) -> tuple[Any, memoryview]:
-    entry = container.entries[name]
+def _array(kind: str, entry: Entry, raw: memoryview, shared: bool) -> Any:
+    """The array stored in ``raw``: a view of it when ``shared`` (a private file
+    mapping, aligned), else a copy."""
+    dtype = entry.dtype
     if kind == "numpy":
-        np_dtype = entry.dtype.numpy
-        if np_dtype is None:
-            raise TreeError(f"tensor {name!r} of dtype {entry.dtype.code} is marked as a numpy "
-                            "array but numpy has no such dtype; the file is corrupt")
-        array = np.empty(entry.shape, dtype=np_dtype)
-        return array, array.reshape(-1).view(np.uint8).data.cast("B")
-    tensor = torch.empty(entry.shape, dtype=entry.dtype.torch)
-    raw = (tensor.reshape(-1).view(torch.uint8) if entry.nbytes
-           else torch.empty(0, dtype=torch.uint8))
-    return tensor, raw.numpy().data.cast("B")
+        if dtype.numpy is None:
+            raise TreeError(f"tensor {entry.name!r} of dtype {dtype.code} is marked as a numpy "
+                            "array but numpy has no such dtype")
+        array = np.frombuffer(raw, dtype=dtype.numpy).reshape(entry.shape)
+        return array if shared else array.copy()
+    if shared and entry.nbytes and entry.start % dtype.itemsize == 0:
+        flat = torch.frombuffer(raw, dtype=torch.uint8)
+        return flat.view(dtype.torch).reshape(entry.shape)
+    tensor = torch.empty(entry.shape, dtype=dtype.torch)
+    if entry.nbytes:
+        tensor.reshape(-1).view(torch.uint8).numpy()[:] = np.frombuffer(raw, dtype=np.uint8)
+    return tensor
+
+
+def _check_digests(where: str, header: Header, views: dict[str, memoryview]) -> None:
+    """Hash every tensor (largest first, on two threads) and compare with the header."""
+    big = sorted((n for n, v in views.items() if len(v) > _INLINE_HASH),
+                 key=lambda n: -len(views[n]))
+    with ThreadPoolExecutor(_HASH_THREADS, thread_name_prefix="vgs_ckpt-hash") as pool:
+        digests = dict(zip(big, pool.map(lambda n: _header.digest(views[n]), big), strict=True))
+    digests.update({n: _header.digest(v) for n, v in views.items() if n not in digests})
+    bad = [n for n in views if digests[n] != header.tensors[n].digest]
+    if bad:
+        others = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise IntegrityError(
+            f"{where}: tensor {bad[0]!r}{others} does not match its digest "
+            f"{header.tensors[bad[0]].digest}; the file is corrupt - restore it from a "
+            "good copy (load with verify=False only to salvage data)")
 
 
 def _read_arrays(source: Source, container: Container, header: Header,
                  kinds: dict[str, str], verify: bool) -> dict[str, Any]:
-    """Read every array into its own buffer, hashing chunks on a worker thread."""
-    out: dict[str, Any] = {}
-    hashers: dict[str, Any] = {}
-    with ThreadPoolExecutor(1, thread_name_prefix="vgs_ckpt-hash") as pool:
-        pending = []
-        for name, entry in container.entries.items():  # file order: sequential reads
-            value, view = _empty(kinds.get(name, "torch"), container, name)
-            hasher = hashers[name] = xxhash.xxh3_128()
-            for start in range(0, max(len(view), 1), _CHUNK):
-                chunk = view[start:start + _CHUNK]
-                source.readinto(entry.start + start, chunk)
-                if not verify:
-                    continue
-                if len(view) <= _INLINE_HASH:
-                    hasher.update(chunk)
-                else:
-                    pending.append(pool.submit(hasher.update, chunk))
-            out[name] = value
-        for job in pending:
-            job.result()
+    """Every array of the file, verified against its digest when ``verify``."""
+    views, shared = source.views(container)
     if verify:
-        bad = [n for n, h in hashers.items()
-               if f"{DIGEST_ALGORITHM}:{h.hexdigest()}" != header.tensors[n].digest]
-        if bad:
-            others = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-            raise IntegrityError(
-                f"{source.where}: tensor {bad[0]!r}{others} does not match its digest "
-                f"{header.tensors[bad[0]].digest}; the file is corrupt - restore it from a "
-                "good copy (load with verify=False only to salvage data)")
-    return out
+        _check_digests(source.where, header, views)
+    return {name: _array(kinds.get(name, "torch"), entry, views[name], shared)
+            for name, entry in container.entries.items()}
 
 
 def _load_safetensors(source: Source, device: torch.device, verify: bool,

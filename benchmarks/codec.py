@@ -1,0 +1,245 @@
+"""Codec benchmark: vgs_ckpt vs safetensors vs torch.save, side by side in one run.
+
+A realistic PBT member: an MLP policy, its Adam state (exp_avg, exp_avg_sq, step)
+and a VGS 3.2 state, at the given numbers of float32 policy parameters.
+
+    python benchmarks/codec.py                 # 16M and 128M parameters
+    python benchmarks/codec.py --sizes 4M      # quick
+
+Every time is a median of --repeat runs, and every result is reported as a ratio
+to safetensors measured in the same run. Peak RSS is measured in a fresh child
+process per operation (ru_maxrss is a high-water mark per process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+
+import vgs_ckpt
+
+torch.set_num_threads(1)
+
+
+def parse_size(text: str) -> int:
+    scale = {"K": 10**3, "M": 10**6, "G": 10**9}
+    return int(float(text[:-1]) * scale[text[-1]]) if text[-1] in scale else int(text)
+
+
+def member(num_params: int) -> dict[str, Any]:
+    """~num_params float32 policy parameters in 8 square layers, plus Adam and VGS state."""
+    layers = 8
+    side = int((num_params / layers) ** 0.5)
+    gen = torch.Generator().manual_seed(0)
+    policy = OrderedDict()
+    for i in range(layers):
+        policy[f"mlp.{i}.weight"] = torch.randn(side, side, generator=gen)
+        policy[f"mlp.{i}.bias"] = torch.randn(side, generator=gen)
+    state = {i: {"step": torch.tensor(150.0), "exp_avg": torch.randn_like(t),
+                 "exp_avg_sq": torch.rand_like(t)} for i, t in enumerate(policy.values())}
+    n = len(policy)
+    return {
+        "policy": policy,
+        "policy.optimizer": {"state": state, "param_groups": [{
+            "lr": 3e-4, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0,
+            "amsgrad": False, "params": list(range(n))}]},
+        "vgs_state": {"enabled": True, "beta": 0.99, "alpha": 0.1, "eps": 1e-8,
+                      "warmup_steps": 100, "step_count": 150, "min_scaling_factor": 0.1,
+                      "variance_cap": 50.0, "param_grad_mean_ema": torch.randn(n),
+                      "param_grad_sq_ema": torch.rand(n), "param_numel": torch.ones(n),
+                      "grad_mean_ema": None, "grad_var_ema": None, "grad_norm_ema": None,
+                      "grad_max_ema": None, "vgs_version": "3.2"},
+        "kl_penalty_state": {"kl_beta": 0.5},
+    }
+
+
+def flat(tree: Any, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The same tensors as a flat dict, for safetensors.save_file."""
+    out: dict[str, torch.Tensor] = {}
+    if isinstance(tree, torch.Tensor):
+        out[prefix] = tree
+    elif isinstance(tree, dict):
+        for k, v in tree.items():
+            out.update(flat(v, f"{prefix}/{k}" if prefix else str(k)))
+    elif isinstance(tree, list | tuple):
+        for i, v in enumerate(tree):
+            out.update(flat(v, f"{prefix}/{i}"))
+    return out
+
+
+def touch(tree: Any) -> int:
+    """Read one byte of every page of every tensor, so mmap-backed loaders pay their I/O."""
+    return sum(int(t.reshape(-1).view(torch.uint8)[::4096].sum(dtype=torch.int64))
+               for t in flat(tree).values() if t.numel())
+
+
+def fsync_file(path: Path) -> None:
+    with open(path, "rb+") as handle:
+        os.fsync(handle.fileno())
+
+
+OPS: dict[str, Callable[[dict[str, Any], Path], Any]] = {
+    "save vgs_ckpt": lambda m, d: vgs_ckpt.save(d / "v.safetensors", m, step=150),
+    "save vgs_ckpt durable=False": lambda m, d: vgs_ckpt.save(d / "v.safetensors", m, step=150,
+                                                             durable=False),
+    "save safetensors": lambda m, d: safetensors.torch.save_file(flat(m), str(d / "s.st")),
+    "save safetensors+fsync": lambda m, d: (safetensors.torch.save_file(flat(m), str(d / "s.st")),
+                                            fsync_file(d / "s.st")),
+    "save torch.save": lambda m, d: torch.save(m, d / "t.pt"),
+    "load vgs_ckpt verify": lambda m, d: touch(vgs_ckpt.load(d / "v.safetensors").parameters),
+    "load vgs_ckpt no-verify": lambda m, d: touch(
+        vgs_ckpt.load(d / "v.safetensors", verify=False).parameters),
+    "load safetensors": lambda m, d: touch(safetensors.torch.load_file(str(d / "s.st"))),
+    "load torch.load": lambda m, d: touch(torch.load(d / "t.pt", weights_only=True)),
+}
+
+
+OUTPUT = {"save vgs_ckpt": "v.", "save vgs_ckpt durable=False": "v.",
+          "save safetensors": "s.", "save safetensors+fsync": "s.", "save torch.save": "t."}
+
+
+LOAD_FILES = {"load vgs_ckpt verify": "v.safetensors", "load vgs_ckpt no-verify": "v.safetensors",
+              "load safetensors": "s.st", "load torch.load": "t.pt"}
+
+
+def evict(path: Path) -> None:
+    """Drop a file's pages from the page cache (no root needed), for cold-cache loads."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    gc.collect()
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def child(op: str, size: int, directory: Path) -> None:
+    """Run one op in this fresh process; print peak RSS above the baseline, in bytes."""
+    tree = member(size) if op.startswith("save") else None
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
+    base = _status_kib("VmRSS")
+    result = OPS[op](tree if tree is not None else {}, directory)
+    peak = _status_kib("VmHWM")
+    del result
+    print(json.dumps({"peak_above_baseline": (peak - base) * 1024}))
+
+
+def peak_rss(op: str, size: int, directory: Path) -> int:
+    proc = subprocess.run([sys.executable, __file__, "--child", op, str(size), str(directory)],
+                          capture_output=True, text=True, check=True)
+    return int(json.loads(proc.stdout.strip().splitlines()[-1])["peak_above_baseline"])
+
+
+def run(size: int, repeat: int, directory: Path) -> dict[str, Any]:
+    tree = member(size)
+    nbytes = sum(t.numel() * t.element_size() for t in flat(tree).values())
+    times: dict[str, list[float]] = {op: [] for op in OPS}
+    for _ in range(repeat):  # interleaved, so drift on the machine hits every op alike
+        for op, fn in OPS.items():
+            if op.startswith("save"):
+                # Every writer creates a new file: freeing the pages of a file being
+                # overwritten would be timed for one writer and not the other.
+                for old in directory.iterdir():
+                    if old.name.startswith(OUTPUT[op]):
+                        old.unlink()
+            times[op].append(timed(lambda fn=fn: fn(tree, directory)))
+    for _ in range(repeat):
+        for op, name in LOAD_FILES.items():
+            evict(directory / name)
+            times.setdefault(f"{op} (cold)", []).append(
+                timed(lambda op=op: OPS[op]({}, directory)))
+    median = {op: statistics.median(ts) for op, ts in times.items()}
+    header_times = [timed(lambda: vgs_ckpt.read_header(directory / "v.safetensors"))
+                    for _ in range(max(repeat, 5))]
+    del tree
+    gc.collect()
+    rss = {op: peak_rss(op, size, directory) for op in
+           ("save vgs_ckpt", "save safetensors", "save torch.save", "load vgs_ckpt verify",
+            "load safetensors", "load torch.load")}
+    return {"params": size, "tensor_bytes": nbytes, "median_s": median,
+            "read_header_ms": 1000 * statistics.median(header_times), "peak_rss": rss,
+            "file_bytes": (directory / "v.safetensors").stat().st_size}
+
+
+def report(result: dict[str, Any]) -> str:
+    m, nbytes = result["median_s"], result["tensor_bytes"]
+    lines = [f"### {result['params'] / 1e6:.0f}M policy parameters "
+             f"({nbytes / 2**20:.0f} MiB of tensors with Adam state)", "",
+             "| operation | ratio to safetensors | throughput |", "| --- | --- | --- |"]
+    for op, seconds in m.items():
+        ref = (m["save safetensors"] if op.startswith("save") else
+               m["load safetensors (cold)"] if op.endswith("(cold)") else m["load safetensors"])
+        lines.append(f"| {op} | {seconds / ref:.2f}x | {nbytes / seconds / 2**30:.2f} GiB/s |")
+    verify_cost = m["load vgs_ckpt verify"] / m["load vgs_ckpt no-verify"] - 1
+    cold_cost = m["load vgs_ckpt verify (cold)"] / m["load vgs_ckpt no-verify (cold)"] - 1
+    lines += ["", f"- digest verification adds {verify_cost * 100:.1f}% to a full load from the "
+              f"page cache, {cold_cost * 100:.1f}% to one from disk (cold cache)",
+              f"- read_header: {result['read_header_ms']:.2f} ms on a "
+              f"{result['file_bytes'] / 2**30:.2f} GiB file", "",
+              "| operation | peak RSS above baseline / tensor bytes |", "| --- | --- |"]
+    for op, peak in result["peak_rss"].items():
+        lines.append(f"| {op} | {peak / nbytes:.2f} |")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+            f"torch {torch.__version__}, safetensors {safetensors.__version__}, "
+            f"vgs_ckpt {vgs_ckpt.__version__}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sizes", nargs="+", default=["16M", "128M"])
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--dir", default=None, help="where to write (default: a temp dir)")
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child[0], int(args.child[1]), Path(args.child[2]))
+        return
+    print(f"machine: {machine()}\n", flush=True)
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        for size in args.sizes:
+            print(report(run(parse_size(size), args.repeat, Path(tmp))), "\n", flush=True)
+
+
+if __name__ == "__main__":
+    main()
