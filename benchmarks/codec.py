@@ -171,7 +171,7 @@ def run(size: int, repeat: int, directory: Path) -> dict[str, Any]:
                 for old in directory.iterdir():
                     if old.name.startswith(OUTPUT[op]):
                         old.unlink()
-            times[op].append(timed(lambda fn=fn: fn(tree, directory)))
+            times[op].append(timed(lambda fn=fn, tree=tree: fn(tree, directory)))
     for _ in range(repeat):
         for op, name in LOAD_FILES.items():
             evict(directory / name)
