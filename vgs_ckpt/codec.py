@@ -191,9 +191,8 @@ def _array(kind: str, entry: Entry, raw: memoryview, shared: bool) -> Any:
 
 
 def _check_digests(where: str, header: Header, views: dict[str, memoryview]) -> None:
-    """Hash every tensor (largest first, on two threads) and compare with the header."""
-    big = sorted((n for n, v in views.items() if len(v) > _INLINE_HASH),
-                 key=lambda n: -len(views[n]))
+    """Hash every tensor (in file order, on two threads) and compare with the header."""
+    big = [n for n, v in views.items() if len(v) > _INLINE_HASH]
     with ThreadPoolExecutor(_HASH_THREADS, thread_name_prefix="vgs_ckpt-hash") as pool:
         digests = dict(zip(big, pool.map(lambda n: _header.digest(views[n]), big), strict=True))
     digests.update({n: _header.digest(v) for n, v in views.items() if n not in digests})

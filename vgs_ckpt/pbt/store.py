@@ -1,0 +1,198 @@
+"""A checkpoint store for a PBT population: one directory per member, atomic files,
+retention, latest/best lookup, and exploit-time checkout by hard link."""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from vgs_ckpt import codec
+from vgs_ckpt._atomic import atomic_write
+from vgs_ckpt.checkpoint import Checkpoint
+from vgs_ckpt.errors import CheckpointNotFoundError, UsageError, VgsCkptError
+from vgs_ckpt.models import CheckpointFormat, Lineage
+
+__all__ = ["CheckpointRef", "CheckpointStore", "check_member_id"]
+
+_MEMBER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_FILE = re.compile(r"^step_(\d{12})\.safetensors$")
+_EXPLOITS = "_exploits"
+_CHECKOUT_RETRIES = 20
+
+
+def check_member_id(member_id: str) -> str:
+    """``member_id`` if it is safe as a directory name, else :class:`UsageError`.
+
+    Allowed: letters, digits, ``_``, ``.``, ``-``; 1 to 128 characters; not starting
+    with ``.`` or ``-``; never ``..``. So no id can escape the store's directory.
+    """
+    if type(member_id) is not str or not _MEMBER_ID.match(member_id) or ".." in member_id:
+        raise UsageError(f"invalid member id {member_id!r}: use 1-128 letters, digits, '_', "
+                         "'.', '-', starting with a letter or digit, and no '..'")
+    return member_id
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    """One stored checkpoint of one member."""
+
+    member_id: str
+    step: int
+    path: Path
+    performance: float | None
+
+
+class CheckpointStore:
+    """Per-member checkpoint files under ``root``, safe for several processes at once.
+
+    Layout: ``root/<member_id>/step_<step, 12 digits>.safetensors``. Every write is
+    atomic (temp file, fsync, rename), so a reader never sees a torn file. After each
+    save the member's files are pruned to the ``keep_last`` newest plus the
+    ``keep_best`` best by performance (``mode`` "max" or "min").
+
+    Example:
+        >>> store = CheckpointStore("ckpts", keep_last=2, keep_best=1)
+        >>> store.save("3", model.get_parameters(), step=150, performance=0.9)
+    """
+
+    def __init__(self, root: str | os.PathLike[str], *, keep_last: int = 2, keep_best: int = 1,
+                 mode: Literal["max", "min"] = "max", durable: bool = True) -> None:
+        if keep_last < 1 or keep_best < 0:
+            raise UsageError(f"keep_last must be >= 1 and keep_best >= 0, got {keep_last} "
+                             f"and {keep_best}")
+        if mode not in ("max", "min"):
+            raise UsageError(f"mode must be 'max' or 'min', got {mode!r}")
+        self.root = Path(root)
+        self.keep_last, self.keep_best, self.mode = keep_last, keep_best, mode
+        self.durable = durable
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def member_dir(self, member_id: str) -> Path:
+        return self.root / check_member_id(member_id)
+
+    def save(self, member_id: str, parameters: Mapping[Any, Any], *, step: int,
+             performance: float | None = None, hyperparams: Mapping[str, Any] | None = None,
+             lineage: Lineage | None = None,
+             format: CheckpointFormat = CheckpointFormat.V2_FULL_PARAMETERS) -> CheckpointRef:
+        """Save one checkpoint of a member atomically, then apply retention."""
+        directory = self.member_dir(member_id)
+        directory.mkdir(exist_ok=True)
+        path = directory / f"step_{step:012d}.safetensors"
+        v2 = format is CheckpointFormat.V2_FULL_PARAMETERS
+        codec.save(path, parameters, step=step, performance=performance, member_id=member_id,
+                   hyperparams=hyperparams if v2 else None, lineage=lineage if v2 else None,
+                   format=format, durable=self.durable)
+        self._prune(member_id)
+        return CheckpointRef(member_id, step, path, performance)
+
+    def checkpoints(self, member_id: str) -> list[CheckpointRef]:
+        """The member's checkpoints, oldest first (headers are read, not tensors)."""
+        refs = []
+        for path in self._paths(member_id):
+            try:
+                header = codec.read_header(path)
+            except (CheckpointNotFoundError, FileNotFoundError):
+                continue  # pruned by another process meanwhile
+            refs.append(CheckpointRef(member_id, header.step, path, header.performance))
+        return refs
+
+    def _paths(self, member_id: str) -> list[Path]:
+        directory = self.member_dir(member_id)
+        try:
+            names = os.listdir(directory)
+        except FileNotFoundError:
+            return []
+        return sorted(directory / n for n in names if _FILE.match(n))
+
+    def latest(self, member_id: str) -> CheckpointRef | None:
+        """The member's newest checkpoint (highest step), or None."""
+        for path in reversed(self._paths(member_id)):
+            try:
+                header = codec.read_header(path)
+            except (CheckpointNotFoundError, FileNotFoundError):
+                continue
+            return CheckpointRef(member_id, header.step, path, header.performance)
+        return None
+
+    def best(self, member_id: str) -> CheckpointRef | None:
+        """The member's best checkpoint by performance, or None."""
+        scored = [r for r in self.checkpoints(member_id) if r.performance is not None]
+        if not scored:
+            return None
+        sign = 1 if self.mode == "max" else -1
+        return max(scored, key=lambda r: (sign * (r.performance or 0.0), r.step))
+
+    def _prune(self, member_id: str) -> None:
+        refs = self.checkpoints(member_id)
+        keep = {r.path for r in refs[-self.keep_last:]}
+        sign = 1 if self.mode == "max" else -1
+        scored = sorted((r for r in refs if r.performance is not None),
+                        key=lambda r: (sign * (r.performance or 0.0), r.step), reverse=True)
+        keep |= {r.path for r in scored[:self.keep_best]}
+        for ref in refs:
+            if ref.path not in keep:
+                ref.path.unlink(missing_ok=True)
+
+    def checkout(self, donor_id: str, recipient_id: str) -> CheckpointRef:
+        """Pin the donor's latest checkpoint into the recipient's namespace.
+
+        The file is hard-linked (no bytes copied) to
+        ``root/<recipient>/_exploits/<donor>_step_<step>.safetensors``, or copied where
+        links are not possible. The donor may prune or replace its files meanwhile:
+        a file that vanishes between lookup and link is looked up again.
+
+        Raises:
+            CheckpointNotFoundError: the donor has no checkpoint.
+        """
+        target_dir = self.member_dir(recipient_id) / _EXPLOITS
+        target_dir.mkdir(parents=True, exist_ok=True)
+        for old in target_dir.iterdir():  # keep only the newest pinned file
+            if old.is_file():
+                old.unlink(missing_ok=True)
+        for _ in range(_CHECKOUT_RETRIES):
+            ref = self.latest(donor_id)
+            if ref is None:
+                raise CheckpointNotFoundError(f"member {donor_id!r} has no checkpoint in "
+                                              f"{self.root}; it must save one before it can "
+                                              "be exploited")
+            target = target_dir / f"{donor_id}_step_{ref.step:012d}.safetensors"
+            try:
+                _link_or_copy(ref.path, target)
+            except FileNotFoundError:
+                continue  # the donor pruned it after we looked: look again
+            return CheckpointRef(donor_id, ref.step, target, ref.performance)
+        raise VgsCkptError(f"could not pin a checkpoint of member {donor_id!r}: its files "
+                           f"kept changing during {_CHECKOUT_RETRIES} attempts")
+
+    def load_latest(self, member_id: str, **load_kwargs: Any) -> tuple[Checkpoint, CheckpointRef]:
+        """Load the member's newest checkpoint (retrying if it is pruned meanwhile)."""
+        for _ in range(_CHECKOUT_RETRIES):
+            ref = self.latest(member_id)
+            if ref is None:
+                raise CheckpointNotFoundError(f"member {member_id!r} has no checkpoint")
+            try:
+                return codec.load(ref.path, **load_kwargs), ref
+            except CheckpointNotFoundError:
+                continue
+        raise VgsCkptError(f"member {member_id!r}'s checkpoints kept changing")
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    tmp = target.with_name(f".{target.name}.link")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EMLINK):
+            raise
+        with open(source, "rb") as src:  # an open file survives the donor's unlink
+            atomic_write(target, lambda f: shutil.copyfileobj(src, f))
+        return
+    os.replace(tmp, target)
+

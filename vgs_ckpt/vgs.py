@@ -1,0 +1,221 @@
+"""A reference Variance Gradient Scaler (VGS 3.2) for torch parameters.
+
+Per optimizer step, after the update, :meth:`VarianceGradientScaler.update`
+folds each parameter's gradient into two EMAs (of its mean and of its mean
+square). Before the next update, :meth:`VarianceGradientScaler.scale_gradients`
+multiplies every gradient by one factor that shrinks when the gradients' normalized
+variance is high. ``state_dict()`` has exactly the keys and types of the original
+scaler's version 3.2, so its states load here and these load there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import pydantic
+import torch
+
+from vgs_ckpt._header import describe_validation
+from vgs_ckpt.errors import SchemaError, UsageError
+from vgs_ckpt.migrations import LATEST_VGS, Upgrading, upgrade_tree, vgs_version_of
+from vgs_ckpt.models import CheckpointFormat, VGSState
+
+__all__ = ["VarianceGradientScaler"]
+
+_MAX_GLOBAL = 1e6
+_MIN_MEAN_SQ = 1e-12
+_QUANTILE = 0.9
+
+
+class VarianceGradientScaler:
+    """Scales gradients down when their per-parameter normalized variance is high.
+
+    Args:
+        parameters: the parameters whose gradients are scaled (order matters: the
+            per-parameter statistics follow it).
+        enabled: with False, the scale is always 1 (statistics are still kept).
+        beta: EMA decay of the statistics, in (0, 1).
+        alpha: strength of the scaling, >= 0.
+        eps: added to the squared mean in the normalization, > 0.
+        warmup_steps: steps during which the scale is 1.
+        min_scaling_factor: lower bound of the scale, in (0, 1].
+        variance_cap: upper bound of the global normalized variance, or None.
+
+    Example:
+        >>> vgs = VarianceGradientScaler(model.parameters())
+        >>> loss.backward(); vgs.scale_gradients(); optimizer.step(); vgs.update()
+    """
+
+    def __init__(self, parameters: Iterable[torch.nn.Parameter], *, enabled: bool = True,
+                 beta: float = 0.99, alpha: float = 0.1, eps: float = 1e-8,
+                 warmup_steps: int = 100, min_scaling_factor: float = 0.1,
+                 variance_cap: float | None = 50.0) -> None:
+        self.params = list(parameters)
+        self.enabled = enabled
+        self.beta = beta
+        self.alpha = alpha
+        self.eps = eps
+        self.warmup_steps = warmup_steps
+        self.min_scaling_factor = min_scaling_factor
+        self.variance_cap = variance_cap
+        try:  # refuse a bad configuration early
+            VGSState.model_validate(self._scalars())
+        except pydantic.ValidationError as exc:
+            raise UsageError(f"invalid VGS configuration: {describe_validation(exc)}") from None
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every statistic (as for a member whose VGS state was absent)."""
+        self.step_count = 0
+        self.param_grad_mean_ema: torch.Tensor | None = None
+        self.param_grad_sq_ema: torch.Tensor | None = None
+        self.param_numel: torch.Tensor | None = None
+        self.grad_mean_ema: float | None = None
+        self.grad_var_ema: float | None = None
+        self.grad_norm_ema: float | None = None
+        self.grad_max_ema: float | None = None
+
+    def _scalars(self) -> dict[str, Any]:
+        return {"vgs_version": LATEST_VGS, "enabled": self.enabled, "beta": self.beta,
+                "alpha": self.alpha, "eps": self.eps, "warmup_steps": self.warmup_steps,
+                "step_count": getattr(self, "step_count", 0),
+                "min_scaling_factor": self.min_scaling_factor,
+                "variance_cap": self.variance_cap}
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Fold the current gradients into the statistics (call after optimizer.step())."""
+        n = len(self.params)
+        if self.param_grad_mean_ema is None or self.param_grad_sq_ema is None:
+            self.param_grad_mean_ema = torch.zeros(n, dtype=torch.float32)
+            self.param_grad_sq_ema = torch.zeros(n, dtype=torch.float32)
+            self.param_numel = torch.tensor([float(p.numel()) for p in self.params],
+                                            dtype=torch.float32)
+        self.step_count += 1
+        beta = self.beta
+        grads = []
+        for i, param in enumerate(self.params):
+            if param.grad is None:
+                continue
+            g = param.grad.detach().float()
+            grads.append(g.reshape(-1))
+            self.param_grad_mean_ema[i] = beta * self.param_grad_mean_ema[i] + (1 - beta) * g.mean()
+            self.param_grad_sq_ema[i] = (beta * self.param_grad_sq_ema[i]
+                                         + (1 - beta) * g.pow(2).mean())
+        if grads:
+            flat = torch.cat(grads)
+            self.grad_mean_ema = self._ema(self.grad_mean_ema, float(flat.mean()))
+            self.grad_var_ema = self._ema(self.grad_var_ema, float(flat.var(unbiased=False)))
+            self.grad_norm_ema = self._ema(self.grad_norm_ema, float(flat.norm()))
+            self.grad_max_ema = self._ema(self.grad_max_ema, float(flat.abs().max()))
+
+    def _ema(self, old: float | None, value: float) -> float:
+        # The legacy global statistics are for logging; they start at the first value.
+        return value if old is None else self.beta * old + (1 - self.beta) * value
+
+    @torch.no_grad()
+    def normalized_variance(self) -> torch.Tensor:
+        """Per-parameter normalized variance of the gradients (bias-corrected)."""
+        if self.step_count == 0 or self.param_grad_mean_ema is None \
+                or self.param_grad_sq_ema is None:
+            return torch.zeros(len(self.params))
+        bc = 1 - self.beta ** self.step_count
+        mean = self.param_grad_mean_ema / bc
+        var = torch.clamp(self.param_grad_sq_ema / bc - mean.pow(2), min=0.0)
+        nv = var / (torch.clamp(mean.pow(2), min=_MIN_MEAN_SQ) + self.eps)
+        return torch.where(torch.isfinite(nv), nv, torch.zeros_like(nv))
+
+    def scaling_factor(self) -> float:
+        """The factor the gradients are multiplied by now, in [min_scaling_factor, 1]."""
+        if not self.enabled or self.step_count < self.warmup_steps or self.step_count == 0:
+            return 1.0
+        nv = self.normalized_variance()
+        if nv.numel() == 0:
+            return 1.0
+        global_nv = min(max(float(torch.quantile(nv.double(), _QUANTILE)), 0.0), _MAX_GLOBAL)
+        if self.variance_cap is not None:
+            global_nv = min(global_nv, self.variance_cap)
+        scale = 1.0 / (1.0 + self.alpha * global_nv)
+        return min(max(scale, self.min_scaling_factor), 1.0)
+
+    @torch.no_grad()
+    def scale_gradients(self) -> float:
+        """Multiply every gradient by :meth:`scaling_factor` (call before optimizer.step())."""
+        scale = self.scaling_factor()
+        if scale != 1.0:
+            for param in self.params:
+                if param.grad is not None:
+                    param.grad.mul_(scale)
+        return scale
+
+    def state_dict(self) -> dict[str, Any]:
+        """The state, with exactly the keys and types of the original scaler's 3.2."""
+        return {
+            "enabled": self.enabled, "beta": self.beta, "alpha": self.alpha, "eps": self.eps,
+            "warmup_steps": self.warmup_steps, "step_count": self.step_count,
+            "min_scaling_factor": self.min_scaling_factor, "variance_cap": self.variance_cap,
+            "param_grad_mean_ema": _copy(self.param_grad_mean_ema),
+            "param_grad_sq_ema": _copy(self.param_grad_sq_ema),
+            "param_numel": _copy(self.param_numel),
+            "grad_mean_ema": self.grad_mean_ema, "grad_var_ema": self.grad_var_ema,
+            "grad_norm_ema": self.grad_norm_ema, "grad_max_ema": self.grad_max_ema,
+            "vgs_version": LATEST_VGS,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any] | None) -> list[str]:
+        """Load a state of any known version; older ones go through the migrations.
+
+        ``None`` (a checkpoint without VGS state) resets the statistics.
+
+        Returns:
+            The names of the migration steps applied (empty for a 3.2 state).
+
+        Raises:
+            UnsupportedVersionError: unknown ``vgs_version``.
+            SchemaError: invalid values, or per-parameter tensors whose length does not
+                match this scaler's parameters.
+        """
+        if state is None:
+            self.reset()
+            return []
+        vgs_version_of(state)
+        upgraded, applied = upgrade_tree(Upgrading(CheckpointFormat.V2_FULL_PARAMETERS,
+                                                   {"vgs_state": dict(state)}))
+        new = upgraded.parameters["vgs_state"]
+        scalars = {k: new[k] for k in VGSState.model_fields
+                   if k not in _TENSOR_KEYS and new.get(k) is not None}
+        try:
+            checked = VGSState.model_validate(scalars)
+        except pydantic.ValidationError as exc:
+            raise SchemaError(f"invalid VGS state: {describe_validation(exc, 'vgs_state')}"
+                              ) from None
+        tensors = {k: new.get(k) for k in _TENSOR_KEYS}
+        for key, value in tensors.items():
+            if value is not None and (not isinstance(value, torch.Tensor) or value.dim() != 1
+                                      or value.numel() != len(self.params)):
+                raise SchemaError(
+                    f"vgs_state.{key} must be a 1-D tensor with one entry per parameter "
+                    f"({len(self.params)}), got {getattr(value, 'shape', type(value).__name__)}; "
+                    "the state belongs to a model with different parameters")
+        self.enabled, self.beta, self.alpha = checked.enabled, checked.beta, checked.alpha
+        self.eps, self.warmup_steps = checked.eps, checked.warmup_steps
+        self.step_count = checked.step_count
+        self.min_scaling_factor = (checked.min_scaling_factor
+                                   if checked.min_scaling_factor is not None else 0.1)
+        self.variance_cap = checked.variance_cap
+        self.param_grad_mean_ema = _copy(tensors["param_grad_mean_ema"])
+        self.param_grad_sq_ema = _copy(tensors["param_grad_sq_ema"])
+        self.param_numel = _copy(tensors["param_numel"])
+        self.grad_mean_ema, self.grad_var_ema = checked.grad_mean_ema, checked.grad_var_ema
+        self.grad_norm_ema, self.grad_max_ema = checked.grad_norm_ema, checked.grad_max_ema
+        return applied
+
+
+_TENSOR_KEYS = ("param_grad_mean_ema", "param_grad_sq_ema", "param_numel")
+
+
+def _copy(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    if tensor is None:
+        return None
+    return tensor.detach().to("cpu", torch.float32).clone()
