@@ -82,6 +82,7 @@ def test_seed_scenario_policy_only_path_is_v1_warns_and_keeps_stale_vgs(
     train(learner_b, 10, seed=2)
     with pytest.warns(DeprecationWarning, match="model_parameters"):
         scheduler.update_performance(a, 0.1, 4, model_state_dict=learner_a.policy.state_dict())
+    with pytest.warns(DeprecationWarning, match="v1_policy_only"):
         scheduler.update_performance(b, 0.9, 10,
                                      model_state_dict=learner_b.policy.state_dict())
     with caplog.at_level(logging.WARNING, logger="vgs_ckpt"):
