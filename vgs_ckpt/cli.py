@@ -1,4 +1,4 @@
-"""The ``vgs-ckpt`` command line: inspect, verify, upgrade, schema."""
+"""The ``vgs-ckpt`` command line: demo, inspect, verify, upgrade, schema."""
 
 from __future__ import annotations
 
@@ -138,6 +138,14 @@ def _upgrade(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from vgs_ckpt import demo
+
+    return demo.main(args.dir, members=args.members, rounds=args.rounds,
+                     interval=args.interval, seed=args.seed, compare=args.compare,
+                     plot_path=args.plot)
+
+
 def _schema(args: argparse.Namespace) -> int:
     if args.check:
         drift = schema_drift(args.out)
@@ -155,6 +163,16 @@ def _schema(args: argparse.Namespace) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vgs-ckpt", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("demo", help="run a small PBT population with VGS and show each exploit")
+    p.add_argument("--members", type=int, default=6, help="population size (default 6)")
+    p.add_argument("--rounds", type=int, default=12, help="exploit rounds (default 12)")
+    p.add_argument("--interval", type=int, default=25, help="steps per round (default 25)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dir", help="checkpoint directory (default: a new temporary one)")
+    p.add_argument("--compare", action="store_true",
+                   help="also run the same seeds with policy-only (v1) exploits")
+    p.add_argument("--plot", metavar="FILE.png", help="draw the loss curves (needs matplotlib)")
+    p.set_defaults(run=_demo)
     p = sub.add_parser("inspect", help="show format, header, VGS summary and tensors of a file")
     p.add_argument("path")
     p.add_argument("--json", action="store_true", help="machine-readable output")

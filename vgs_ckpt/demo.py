@@ -1,0 +1,264 @@
+"""``vgs-ckpt demo``: a small PBT population with VGS, exploiting through v2 checkpoints.
+
+Each member is an MLP on a synthetic regression task, trained with Adam and the
+reference VGS. Every ``interval`` steps the members report their validation loss
+and save a checkpoint; the worst ones exploit the best ones and explore new
+hyperparameters. Each exploit is shown with the VGS state before and after.
+``--compare`` runs the same seeds again with the deprecated policy-only exploits
+of the original scheduler and reports both runs' losses.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vgs_ckpt import codec
+from vgs_ckpt.errors import UsageError
+from vgs_ckpt.pbt import HyperparamSpec, PBTConfig, PBTScheduler
+from vgs_ckpt.pbt.learner import TorchLearner
+from vgs_ckpt.vgs import VarianceGradientScaler
+
+__all__ = ["DemoResult", "run_demo"]
+
+_INPUTS = 8
+
+
+@dataclass
+class Exploit:
+    round: int
+    recipient: str
+    donor: str
+    fmt: str
+    before: dict[str, Any]
+    after: dict[str, Any]
+    donor_state: dict[str, Any]
+    matches_donor: bool
+    loss_before: float
+    loss_after_interval: float | None = None
+
+
+@dataclass
+class DemoResult:
+    """What one population run did."""
+
+    mode: str  # "full" (v2) or "policy-only" (v1)
+    directory: Path
+    interval: int
+    curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    exploits: list[Exploit] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def final_losses(self) -> list[float]:
+        return [curve[-1][1] for curve in self.curves.values()]
+
+
+def _task(seed: int) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(seed)
+    # A smooth target: the projections have unit variance, so it is learnable in a
+    # few hundred steps without a long plateau.
+    scale = 1 / _INPUTS**0.5
+    w1 = torch.randn(_INPUTS, 1, generator=gen) * scale
+    w2 = torch.randn(_INPUTS, 1, generator=gen) * scale
+
+    def sample(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.randn(n, _INPUTS, generator=gen)
+        y = torch.sin(x @ w1) + 0.5 * torch.cos(x @ w2) + 0.05 * torch.randn(n, 1, generator=gen)
+        return x, y
+
+    return (*sample(4096), *sample(1024))
+
+
+def _learner(seed: int, hp: dict[str, Any]) -> TorchLearner:
+    torch.manual_seed(seed)
+    policy = torch.nn.Sequential(torch.nn.Linear(_INPUTS, 32), torch.nn.Tanh(),
+                                 torch.nn.Linear(32, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
+    optimizer = torch.optim.Adam(policy.parameters(), lr=hp["lr"])
+    vgs = VarianceGradientScaler(policy.parameters(), alpha=hp["vgs_alpha"], warmup_steps=10)
+    return TorchLearner(policy, optimizer, vgs)
+
+
+def _vgs_summary(state: dict[str, Any] | None) -> dict[str, Any]:
+    if not state:
+        return {"step_count": None, "grad_var_ema": None, "sq_ema_mean": None}
+    sq = state.get("param_grad_sq_ema")
+    return {"step_count": state["step_count"], "grad_var_ema": state.get("grad_var_ema"),
+            "sq_ema_mean": float(sq.mean()) if sq is not None else None,
+            "tensors": {k: state[k] for k in ("param_grad_mean_ema", "param_grad_sq_ema")}}
+
+
+def _same_statistics(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    if a["step_count"] != b["step_count"]:
+        return False
+    return all(x is not None and y is not None and torch.equal(x, y)
+               for x, y in zip(a["tensors"].values(), b["tensors"].values(), strict=True))
+
+
+def run_demo(directory: Path, *, members: int = 6, rounds: int = 12, interval: int = 25,
+             seed: int = 0, policy_only: bool = False, out: Any = sys.stdout) -> DemoResult:
+    """Run one population; print progress and one table per exploit to ``out``."""
+    if members < 2 or rounds < 1 or interval < 1:
+        raise UsageError("need members >= 2, rounds >= 1 and interval >= 1")
+    mode = "policy-only" if policy_only else "full"
+    result = DemoResult(mode, directory, interval)
+    start = time.perf_counter()
+    x_train, y_train, x_val, y_val = _task(seed)
+    config = PBTConfig(str(directory), population_size=members, perturbation_interval=interval,
+                       truncation_ratio=0.25, metric_mode="min", seed=seed,
+                       hyperparams=[HyperparamSpec("lr", 1e-4, 3e-2, log_scale=True),
+                                    HyperparamSpec("vgs_alpha", 0.01, 1.0, log_scale=True)])
+    scheduler = PBTScheduler(config)
+    population = scheduler.initialize_population()
+    learners = {m.member_id: _learner(seed * 1000 + i, m.hyperparams)
+                for i, m in enumerate(population)}
+    gens = {m.member_id: torch.Generator().manual_seed(seed * 1000 + i)
+            for i, m in enumerate(population)}
+    pending: dict[str, Exploit] = {}
+    for rnd in range(1, rounds + 1):
+        for m in population:
+            learner = learners[m.member_id]
+            for _ in range(interval):
+                idx = torch.randint(0, len(x_train), (64,), generator=gens[m.member_id])
+                xb, yb = x_train[idx], y_train[idx]
+                learner.train_step(lambda xb=xb, yb=yb, p=learner.policy:
+                                   (p(xb) - yb).pow(2).mean())
+            with torch.no_grad():
+                val = float((learner.policy(x_val) - y_val).pow(2).mean())
+            step = rnd * interval
+            result.curves.setdefault(m.member_id, []).append((step, val))
+            if m.member_id in pending:
+                pending.pop(m.member_id).loss_after_interval = val
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # announced once below
+                if policy_only:
+                    scheduler.update_performance(m, val, step,
+                                                 model_state_dict=learner.policy.state_dict())
+                else:
+                    scheduler.update_performance(m, val, step,
+                                                 model_parameters=learner.get_parameters())
+        exploits_this_round = []
+        for m in population:
+            learner = learners[m.member_id]
+            before = _vgs_summary(learner.vgs.state_dict())
+            loss_before = result.curves[m.member_id][-1][1]
+            params, hyperparams, fmt = scheduler.exploit_and_explore(m)
+            if params is None or fmt is None or m.exploited_from is None:
+                continue
+            learner.set_parameters(params)
+            learner.set_hyperparams(hyperparams)
+            learner.vgs.alpha = hyperparams["vgs_alpha"]
+            donor_file = m.exploited_from.file
+            donor_tree = codec.load(donor_file, upgrade=False).parameters if donor_file else {}
+            donor_state = _vgs_summary(donor_tree.get("vgs_state"))
+            after = _vgs_summary(learner.vgs.state_dict())
+            record = Exploit(rnd, m.member_id, m.exploited_from.member_id, fmt.value, before,
+                             after, donor_state, fmt.value == "v2_full_parameters"
+                             and _same_statistics(after, donor_state), loss_before)
+            result.exploits.append(record)
+            exploits_this_round.append(record)
+            pending[m.member_id] = record
+        best = min(curve[-1][1] for curve in result.curves.values())
+        print(f"[{mode}] round {rnd:>2}/{rounds}  step {rnd * interval:>5}  best val loss "
+              f"{best:.4f}  exploits {len(exploits_this_round)}", file=out, flush=True)
+        if exploits_this_round:
+            print(_exploit_table(exploits_this_round), file=out, flush=True)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3e}" if isinstance(value, float) else str(value)
+
+
+def _exploit_table(exploits: Sequence[Exploit]) -> str:
+    headers = ["recipient", "donor", "format", "VGS step_count before -> after (donor)",
+               "grad_var_ema before -> after (donor)", "mean sq EMA after (donor)",
+               "matches donor"]
+    rows = [[e.recipient, e.donor, e.fmt,
+             f"{_fmt(e.before['step_count'])} -> {_fmt(e.after['step_count'])} "
+             f"({_fmt(e.donor_state['step_count'])})",
+             f"{_fmt(e.before['grad_var_ema'])} -> {_fmt(e.after['grad_var_ema'])} "
+             f"({_fmt(e.donor_state['grad_var_ema'])})",
+             f"{_fmt(e.after['sq_ema_mean'])} ({_fmt(e.donor_state['sq_ema_mean'])})",
+             "yes" if e.matches_donor else "NO"] for e in exploits]
+    widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
+    lines = ["    " + "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))]
+    lines += ["    " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True))
+              for r in rows]
+    return "\n".join(lines)
+
+
+def _summary(result: DemoResult) -> str:
+    after = [e.loss_after_interval for e in result.exploits if e.loss_after_interval is not None]
+    final = result.final_losses()
+    matched = sum(e.matches_donor for e in result.exploits)
+    return (f"{result.mode:>11}: {len(result.exploits)} exploits ({matched} with the donor's "
+            f"VGS state), recipients' val loss one interval after an exploit: "
+            f"{_mean(after)}, final val loss best {min(final):.4f} / mean {_mean(final)} "
+            f"({result.seconds:.1f} s)")
+
+
+def _mean(values: Sequence[float]) -> str:
+    return f"{sum(values) / len(values):.4f}" if values else "-"
+
+
+def plot(results: Sequence[DemoResult], path: str) -> None:
+    """Draw each member's validation loss curve, one panel per run."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UsageError("--plot needs matplotlib: pip install 'vgs-ckpt[plot]'") from None
+    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4), squeeze=False,
+                             sharey=True)
+    for ax, result in zip(axes[0], results, strict=True):
+        for member_id, curve in sorted(result.curves.items()):
+            ax.plot([s for s, _ in curve], [v for _, v in curve], label=f"member {member_id}")
+        for e in result.exploits:
+            ax.axvline(e.round * result.interval, color="grey", lw=0.3)
+        ax.set_yscale("log")
+        ax.set_title(f"{result.mode} exploits")
+        ax.set_xlabel("step")
+        ax.set_ylabel("validation loss")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(directory: str | None, *, members: int, rounds: int, interval: int, seed: int,
+         compare: bool, plot_path: str | None) -> int:
+    """The ``vgs-ckpt demo`` command."""
+    logging.getLogger("vgs_ckpt").setLevel(logging.ERROR)  # the tables say it all
+    root = Path(directory) if directory else Path(tempfile.mkdtemp(prefix="vgs-ckpt-demo-"))
+    root.mkdir(parents=True, exist_ok=True)
+    runs = [run_demo(root / "full", members=members, rounds=rounds, interval=interval,
+                     seed=seed)]
+    if compare:
+        print("\nthe same seeds, with the original scheduler's policy-only checkpoints "
+              "(deprecated model_state_dict=):")
+        runs.append(run_demo(root / "policy-only", members=members, rounds=rounds,
+                             interval=interval, seed=seed, policy_only=True))
+    print()
+    for result in runs:
+        print(_summary(result))
+    if plot_path:
+        plot(runs, plot_path)
+        print(f"plot written to {plot_path}")
+    print(f"checkpoints in {root} (try: vgs-ckpt inspect "
+          f"{next((root / 'full').rglob('step_*.safetensors'), root)})")
+    bad = [e for e in runs[0].exploits if not e.matches_donor]
+    return 1 if bad else 0
+
