@@ -41,7 +41,8 @@ def test_every_layout_is_detected_as_the_original_classified_it(
 def test_load_upgrades_legacy_files_with_a_warning_naming_the_format(
         tmp_path: Path, layout: str, caplog: pytest.LogCaptureFixture) -> None:
     path = write_legacy(tmp_path / "m.pt", layout)
-    with pytest.warns(LegacyFormatWarning, match=EXPECTED_FORMAT[layout]):
+    with caplog.at_level("WARNING", logger="vgs_ckpt"), \
+            pytest.warns(LegacyFormatWarning, match=EXPECTED_FORMAT[layout]):
         ckpt = vgs_ckpt.load(path)
     assert EXPECTED_FORMAT[layout] in caplog.text
     assert ckpt.format == "v2_full_parameters"

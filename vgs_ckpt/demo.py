@@ -241,7 +241,18 @@ def plot(results: Sequence[DemoResult], path: str) -> None:
 def main(directory: str | None, *, members: int, rounds: int, interval: int, seed: int,
          compare: bool, plot_path: str | None) -> int:
     """The ``vgs-ckpt demo`` command."""
-    logging.getLogger("vgs_ckpt").setLevel(logging.ERROR)  # the tables say it all
+    log = logging.getLogger("vgs_ckpt")
+    level = log.level
+    log.setLevel(logging.ERROR)  # the tables say it all
+    try:
+        return _main(directory, members=members, rounds=rounds, interval=interval, seed=seed,
+                     compare=compare, plot_path=plot_path)
+    finally:
+        log.setLevel(level)
+
+
+def _main(directory: str | None, *, members: int, rounds: int, interval: int, seed: int,
+          compare: bool, plot_path: str | None) -> int:
     root = Path(directory) if directory else Path(tempfile.mkdtemp(prefix="vgs-ckpt-demo-"))
     root.mkdir(parents=True, exist_ok=True)
     runs = [run_demo(root / "full", members=members, rounds=rounds, interval=interval,
