@@ -16,7 +16,10 @@ def test_all_matches_the_public_names() -> None:
 
 
 @pytest.mark.parametrize("module", ["codec", "detect", "errors", "legacy", "migrations",
-                                    "models", "schema", "upgrade", "checkpoint", "cli"])
+                                    "models", "schema", "upgrade", "checkpoint", "cli",
+                                    "convert", "vgs", "demo", "testing", "pbt", "pbt.store",
+                                    "pbt.transfer", "pbt.scheduler", "pbt.learner",
+                                    "integrations.ray_tune"])
 def test_every_module_has_an_explicit_all(module: str) -> None:
     mod = importlib.import_module(f"vgs_ckpt.{module}")
     assert hasattr(mod, "__all__")

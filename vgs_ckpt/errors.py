@@ -12,6 +12,7 @@ __all__ = [
     "CheckpointNotFoundError",
     "FormatError",
     "IntegrityError",
+    "MissingDependencyError",
     "SchemaError",
     "TreeError",
     "UnsafeCheckpointError",
@@ -64,3 +65,7 @@ class CheckpointIOError(VgsCkptError, OSError):
 
 class UsageError(VgsCkptError, ValueError):
     """A vgs_ckpt function was called with an invalid argument."""
+
+
+class MissingDependencyError(VgsCkptError, ImportError):
+    """An optional integration was used without its extra installed."""

@@ -1,0 +1,108 @@
+"""The Ray Tune integration: unit tests, and a real PBT run on a local Ray (marked `ray`)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import vgs_ckpt
+from vgs_ckpt import MissingDependencyError
+
+from .pbt_helpers import make_learner, train, vgs_tensors
+
+EXAMPLES = Path(__file__).parent.parent / "examples"
+
+
+def test_core_package_does_not_import_ray() -> None:
+    code = "import sys, vgs_ckpt, vgs_ckpt.pbt, vgs_ckpt.integrations; print('ray' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_missing_ray_gives_the_install_command(monkeypatch: pytest.MonkeyPatch,
+                                               tmp_path: Path) -> None:
+    from vgs_ckpt.integrations import ray_tune
+
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(MissingDependencyError, match=r"pip install 'vgs-ckpt\[ray\]'"):
+        ray_tune.save_checkpoint(tmp_path, {"w": torch.ones(1)}, step=1)
+    with pytest.raises(ImportError):  # also catchable as the builtin
+        ray_tune.restore({})
+
+
+def test_restore_of_a_cloned_checkpoint_applies_the_trials_own_config(tmp_path: Path) -> None:
+    pytest.importorskip("ray.tune")
+    from vgs_ckpt.integrations import ray_tune
+
+    donor = make_learner(0, lr=0.05)
+    train(donor, 6)
+    checkpoint = ray_tune.save_checkpoint(tmp_path, donor.get_parameters(), step=6,
+                                          performance=0.5, trial_id="donor_trial",
+                                          config={"lr": 0.05, "vgs_alpha": 0.1, "nested": {}})
+    restored = ray_tune.restore_checkpoint(checkpoint, {"lr": 0.001, "vgs_alpha": 0.4},
+                                           trial_id="recipient_trial")
+    assert restored.cloned
+    source = restored.lineage.exploited_from
+    assert source is not None and (source.member_id, source.step) == ("donor_trial", 6)
+    assert restored.header.hyperparams == {"lr": 0.05, "vgs_alpha": 0.1}
+    recipient = make_learner(1, lr=0.9)
+    recipient.set_parameters(restored.parameters)
+    assert recipient.optimizer.param_groups[0]["lr"] == 0.001
+    assert recipient.vgs.alpha == 0.4
+    assert recipient.vgs.step_count == 6
+    for key, value in vgs_tensors(recipient).items():
+        assert torch.equal(value, vgs_tensors(donor)[key])
+    same = ray_tune.restore_checkpoint(checkpoint, {"lr": 0.05}, trial_id="donor_trial")
+    assert not same.cloned and same.lineage == restored.header.lineage
+
+
+def test_restore_refuses_a_foreign_checkpoint(tmp_path: Path) -> None:
+    tune = pytest.importorskip("ray.tune")
+    from vgs_ckpt.integrations import ray_tune
+
+    (tmp_path / "model.pt").write_bytes(b"x")
+    with pytest.raises(vgs_ckpt.FormatError, match="vgs_ckpt.safetensors"):
+        ray_tune.restore_checkpoint(tune.Checkpoint.from_directory(str(tmp_path)), {})
+
+
+@pytest.mark.ray
+def test_pbt_run_exploits_carry_the_donors_state_and_keep_the_explored_lr(
+        tmp_path: Path) -> None:
+    pytest.importorskip("ray.tune")
+    import ray
+
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import ray_tune_pbt
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    try:
+        results = ray_tune_pbt.run(str(tmp_path), num_samples=4, iterations=6)
+    finally:
+        ray.shutdown()
+    frames = {r.metrics["trial_id"]: r.metrics_dataframe for r in results}
+    saved: dict[tuple[str, int], Any] = {}
+    for trial, frame in frames.items():
+        for row in frame.to_dict("records"):
+            saved[(trial, int(row["iteration"]))] = row
+    exploits = [(trial, row) for trial, frame in frames.items()
+                for row in frame.to_dict("records") if row.get("restored_cloned") is True]
+    assert exploits, "PBT made no exploit; the test would prove nothing"
+    for trial, row in exploits:
+        donor_row = saved[(row["restored_from"], int(row["restored_iteration"]))]
+        assert row["restored_from"] != trial
+        assert row["restored_digest"] == donor_row["saved_digest"]  # weights + VGS statistics
+        assert row["restored_vgs_step_count"] == donor_row["vgs_step_count"]
+        assert row["optimizer_lr"] == row["config/lr"]  # its own explored lr, not the donor's
+        assert row["vgs_alpha_in_use"] == row["config/vgs_alpha"]
+    # The checkpoints in storage record their lineage.
+    files = sorted(tmp_path.rglob("vgs_ckpt.safetensors"))
+    headers = [vgs_ckpt.read_header(f) for f in files]
+    assert any(isinstance(h, vgs_ckpt.CheckpointV2) and h.lineage.exploited_from is not None
+               for h in headers)
