@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import warnings
 import sys
 from pathlib import Path
 
@@ -81,3 +82,13 @@ def test_inspect_a_v1_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
                   format=vgs_ckpt.CheckpointFormat.V1_POLICY_ONLY)
     assert main(["inspect", str(path)]) == 0
     assert "v1_policy_only" in capsys.readouterr().out
+
+
+def test_inspect_a_legacy_torch_file_shows_it_as_stored(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    torch.save({"w": torch.ones(2)}, tmp_path / "member_0_step_1.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # shown as stored: no upgrade, so no warning
+        assert main(["inspect", str(tmp_path / "member_0_step_1.pt")]) == 0
+    out = capsys.readouterr().out
+    assert "torch-zip" in out and "v1_policy_only" in out and "w " in out

@@ -59,3 +59,9 @@ def test_plot_without_matplotlib_says_how_to_install(tmp_path: Path,
 def test_bad_demo_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--members", "1", "--dir", str(tmp_path)]) == 1
     assert "members >= 2" in capsys.readouterr().err
+
+
+def test_demo_refuses_a_non_empty_directory(tmp_path: Path) -> None:
+    (tmp_path / "old").write_text("x")
+    with pytest.raises(vgs_ckpt.UsageError, match="not empty"):
+        run_demo(tmp_path, members=2, rounds=1, interval=1, out=io.StringIO())

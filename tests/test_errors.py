@@ -328,3 +328,14 @@ def test_tampered_vgs_summary_is_detected() -> None:
         inner["vgs"]["step_count"] = 4
     with pytest.raises(SchemaError, match="VGS summary"):
         vgs_ckpt.load_bytes(_edit_inner(data, edit))
+
+
+@pytest.mark.parametrize("node", [{"tensor": "policy/w", "extra": 1},
+                                  {"dict": [], "list": []},
+                                  {"dict": [], "ordered": False},
+                                  {"tensor": "policy/w", "requires_grad": "yes"}])
+def test_tree_nodes_with_extra_members_or_bad_flags_are_refused(node: Any) -> None:
+    def edit(inner: dict[str, Any]) -> None:
+        inner["tree"]["dict"].append(["extra", node])
+    with pytest.raises(TreeError):
+        vgs_ckpt.load_bytes(_edit_inner(_good(), edit))

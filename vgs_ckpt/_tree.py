@@ -235,6 +235,7 @@ class Decoder:
             return node
         if type(node) is not dict or not node:
             raise TreeError(f"malformed tree node at {show_path(path)}: {node!r:.80}")
+        _check_members(node, path)
         if "dict" in node:
             out: dict[Any, Any] = OrderedDict() if node.get("ordered") is True else {}
             for pair in _list(node["dict"], path):
@@ -267,7 +268,29 @@ class Decoder:
             return self._ndarray(_name_of(node["ndarray"], path))
         if "npscalar" in node:
             return self._ndarray(_name_of(node["npscalar"], path))[()]
-        raise TreeError(f"unknown tree node at {show_path(path)}: {node!r:.80}")
+        raise AssertionError("unreachable: _check_members accepted an unknown tag")
+
+
+# The members each tagged node may carry (spec section 5); flags must be true.
+_MEMBERS = {"dict": {"dict", "ordered"}, "list": {"list"}, "tuple": {"tuple"},
+            "float": {"float"}, "tensor": {"tensor", "requires_grad", "parameter"},
+            "ndarray": {"ndarray"}, "npscalar": {"npscalar"}}
+_FLAGS = ("ordered", "requires_grad", "parameter")
+
+
+def _check_members(node: dict[str, Any], path: tuple[str | int, ...]) -> None:
+    tags = [tag for tag in _MEMBERS if tag in node]
+    if len(tags) != 1:
+        raise TreeError(f"tree node at {show_path(path)} must have exactly one of "
+                        f"{', '.join(_MEMBERS)}, got {sorted(node)}")
+    extra = set(node) - _MEMBERS[tags[0]]
+    if extra:
+        raise TreeError(f"{tags[0]} node at {show_path(path)} has unknown members "
+                        f"{sorted(extra)}")
+    for flag in _FLAGS:
+        if flag in node and node[flag] is not True:
+            raise TreeError(f"{flag!r} at {show_path(path)} must be true when present, "
+                            f"got {node[flag]!r}")
 
 
 def _list(value: Any, path: tuple[str | int, ...]) -> list[Any]:

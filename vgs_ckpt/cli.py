@@ -39,7 +39,7 @@ def _table(rows: list[list[str]], headers: list[str]) -> str:
 def _describe(path: str) -> dict[str, Any]:
     detection = detect_format(path)
     if detection.container != "safetensors":
-        ckpt = codec.load(path, verify=False)
+        ckpt = codec.load(path, verify=False, upgrade=False)  # show the file as it is
         header = ckpt.header
     else:
         header = codec.read_header(path)

@@ -108,6 +108,10 @@ def run_demo(directory: Path, *, members: int = 6, rounds: int = 12, interval: i
     """Run one population; print progress and one table per exploit to ``out``."""
     if members < 2 or rounds < 1 or interval < 1:
         raise UsageError("need members >= 2, rounds >= 1 and interval >= 1")
+    if directory.exists() and any(directory.iterdir()):
+        # Checkpoints of an earlier run would be taken for this run's "latest".
+        raise UsageError(f"{directory} is not empty; give a new --dir (or none for a "
+                         "temporary one)")
     mode = "policy-only" if policy_only else "full"
     result = DemoResult(mode, directory, interval)
     start = time.perf_counter()
