@@ -36,25 +36,15 @@ from vgs_ckpt.errors import (
     UsageError,
 )
 from vgs_ckpt.migrations import warn_upgraded
-from vgs_ckpt.models import (
-    DIGEST_ALGORITHM,
-    CheckpointFormat,
-    CheckpointV1,
-    CheckpointV2,
-    Lineage,
-    Provenance,
-)
+from vgs_ckpt.models import CheckpointFormat, CheckpointV2, Lineage, Provenance
 from vgs_ckpt.upgrade import from_legacy
 from vgs_ckpt.upgrade import upgrade as upgrade_checkpoint
 
 __all__ = ["Checkpoint", "load", "load_bytes", "read_header", "save", "save_bytes"]
 
-PRODUCER = "vgs_ckpt"
 _INLINE_HASH = 256 * 1024  # smaller arrays are hashed on the calling thread
 _HASH_THREADS = 2
-_PLACEHOLDER = f"{DIGEST_ALGORITHM}:{'0' * 32}"
-
-Header = CheckpointV1 | CheckpointV2
+Header = _header.Header
 
 
 def _write(stream: IO[bytes], header: Header, arrays: dict[str, Array]) -> Header:
