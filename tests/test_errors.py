@@ -339,3 +339,11 @@ def test_tree_nodes_with_extra_members_or_bad_flags_are_refused(node: Any) -> No
         inner["tree"]["dict"].append(["extra", node])
     with pytest.raises(TreeError):
         vgs_ckpt.load_bytes(_edit_inner(_good(), edit))
+
+
+def test_format_may_be_given_as_a_string_and_unknown_ones_are_refused() -> None:
+    data = vgs_ckpt.save_bytes({"w": torch.ones(1)}, step=0,
+                               format="v1_policy_only")
+    assert vgs_ckpt.detect_format(data).format == "v1_policy_only"
+    with pytest.raises(UsageError, match="v9_new"):
+        vgs_ckpt.save_bytes({"w": torch.ones(1)}, step=0, format="v9_new")

@@ -109,12 +109,17 @@ def _vgs_node(tree: dict[str, Any]) -> list[list[Any]]:
 
 def build(parameters: Mapping[Any, Any], *, step: int, performance: float | None,
           member_id: str | None, hyperparams: Mapping[str, Any] | None,
-          lineage: Lineage | Mapping[str, Any] | None, format: CheckpointFormat,
+          lineage: Lineage | Mapping[str, Any] | None, format: CheckpointFormat | str,
           created_at: datetime | None, where: str,
           producer: Producer | Mapping[str, str] | None = None,
           provenance: Provenance | Mapping[str, Any] | None = None,
           ) -> tuple[Header, dict[str, Array]]:
     """Validate a header for ``parameters``; digests are placeholders until written."""
+    try:
+        format = CheckpointFormat(format)
+    except ValueError:
+        raise UsageError(f"{where}: cannot write format {format!r}; this library writes "
+                         f"{', '.join(FORMAT_ORDER)}") from None
     tree, arrays = encode_tree(parameters)
     fields: dict[str, Any] = {
         "format_version": format, "step": step, "performance": performance,
@@ -134,7 +139,6 @@ def build(parameters: Mapping[Any, Any], *, step: int, performance: float | None
             raise UsageError(f"{where}: {format.value} files hold no hyperparams or lineage; "
                              "save as v2_full_parameters instead")
         fields["has_optimizer_state"] = "optimizer_state" in parameters
-    fields["format_version"] = CheckpointFormat(format)
     try:
         header = header_adapter.validate_python(fields)
     except pydantic.ValidationError as exc:

@@ -74,7 +74,7 @@ def save(path: str | os.PathLike[str], parameters: Mapping[Any, Any], *, step: i
          performance: float | None = None, member_id: str | None = None,
          hyperparams: Mapping[str, Any] | None = None,
          lineage: Lineage | Mapping[str, Any] | None = None,
-         format: CheckpointFormat = CheckpointFormat.V2_FULL_PARAMETERS,
+         format: CheckpointFormat | str = CheckpointFormat.V2_FULL_PARAMETERS,
          created_at: datetime | None = None, provenance: Provenance | None = None,
          durable: bool = True) -> Header:
     """Save a parameter tree atomically as a safetensors checkpoint.
@@ -115,7 +115,7 @@ def save(path: str | os.PathLike[str], parameters: Mapping[Any, Any], *, step: i
 def save_bytes(parameters: Mapping[Any, Any], *, step: int, performance: float | None = None,
                member_id: str | None = None, hyperparams: Mapping[str, Any] | None = None,
                lineage: Lineage | Mapping[str, Any] | None = None,
-               format: CheckpointFormat = CheckpointFormat.V2_FULL_PARAMETERS,
+               format: CheckpointFormat | str = CheckpointFormat.V2_FULL_PARAMETERS,
                created_at: datetime | None = None,
                provenance: Provenance | None = None) -> bytes:
     """The bytes :func:`save` would write, as a ``bytes`` object."""
