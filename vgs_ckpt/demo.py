@@ -195,7 +195,7 @@ def _exploit_table(exploits: Sequence[Exploit]) -> str:
              f"{_fmt(e.before['grad_var_ema'])} -> {_fmt(e.after['grad_var_ema'])} "
              f"({_fmt(e.donor_state['grad_var_ema'])})",
              f"{_fmt(e.after['sq_ema_mean'])} ({_fmt(e.donor_state['sq_ema_mean'])})",
-             "yes" if e.matches_donor else "NO"] for e in exploits]
+             "yes" if e.matches_donor else "no (kept its own)"] for e in exploits]
     widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
     lines = ["    " + "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))]
     lines += ["    " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True))
