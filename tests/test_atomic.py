@@ -87,6 +87,13 @@ def test_new_files_get_normal_permissions(tmp_path: Path) -> None:
     assert path.stat().st_mode & 0o777 == 0o666 & ~mask
 
 
-def test_missing_directory_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(CheckpointIOError, match="directory"):
-        vgs_ckpt.save(tmp_path / "no" / "such" / "m.safetensors", {"w": torch.ones(1)}, step=0)
+def test_missing_parent_directories_are_created(tmp_path: Path) -> None:
+    path = tmp_path / "ckpt" / "deeper" / "member_3.safetensors"
+    vgs_ckpt.save(path, {"w": torch.ones(1)}, step=0)
+    assert vgs_ckpt.read_header(path).step == 0
+
+
+def test_unwritable_location_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(CheckpointIOError, match="writable directory"):
+        vgs_ckpt.save(tmp_path / "file" / "m.safetensors", {"w": torch.ones(1)}, step=0)

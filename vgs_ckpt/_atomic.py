@@ -22,6 +22,8 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None
                  *, durable: bool = True) -> None:
     """Write a file so that ``path`` holds either the old bytes or all of the new ones.
 
+    Missing parent directories are created.
+
     ``write`` gets a seekable binary file. A reader that has the old file open
     (or memory-mapped) keeps seeing the old bytes: the rename swaps the
     directory entry, not the file's contents.
@@ -29,11 +31,12 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None
     target = Path(path)
     directory = target.parent
     try:
+        directory.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
     except OSError as exc:
         raise CheckpointIOError(exc.errno, f"cannot create a temporary file in {directory} to "
-                                f"write {target}: {exc.strerror}; check that the directory exists "
-                                "and is writable", str(directory)) from exc
+                                f"write {target}: {exc.strerror}; check that {directory} is a "
+                                "writable directory", str(directory)) from exc
     try:
         with os.fdopen(fd, "wb") as handle:
             os.fchmod(handle.fileno(), 0o666 & ~_umask())

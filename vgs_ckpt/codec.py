@@ -80,7 +80,7 @@ def save(path: str | os.PathLike[str], parameters: Mapping[Any, Any], *, step: i
     """Save a parameter tree atomically as a safetensors checkpoint.
 
     Args:
-        path: the file to write; its directory must exist.
+        path: the file to write; missing parent directories are created.
         parameters: a dict tree (e.g. ``model.get_parameters()``) whose leaves are
             None, bool, int, float, str, torch tensors, numpy arrays or scalars.
         step: the training step (>= 0).
