@@ -52,7 +52,7 @@ def _torch_load(data: str | bytes | bytearray | memoryview, container: str,
                           mmap=container == "torch-zip" and by_path)
     except pickle.UnpicklingError as exc:
         found = _GLOBAL.search(str(exc))
-        if found or "weights_only" in str(exc).lower() or "Weights only" in str(exc):
+        if found or "weights only" in str(exc).lower():
             name = found.group(1) if found else "an unsupported global"
             raise UnsafeCheckpointError(
                 f"{where}: refused to load: the pickle asks for {name}, which is not a plain "
