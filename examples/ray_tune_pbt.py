@@ -59,6 +59,7 @@ def trainable(config: dict[str, Any]) -> None:
         learner.set_parameters(restored.parameters)
         lineage, iteration = restored.lineage, restored.header.step
         info = {"restored_from": restored.source.member_id,
+                "restored_file": restored.source.file,
                 "restored_iteration": restored.source.step, "restored_cloned": restored.cloned,
                 "restored_digest": state_digest(learner),
                 "restored_vgs_step_count": learner.vgs.step_count}
