@@ -303,3 +303,13 @@ def test_concurrent_processes_never_read_torn_files_and_lose_nothing(tmp_path: P
     for m in members:
         latest = store.latest(m)
         assert latest is not None and latest.step == 24
+
+
+def test_load_latest_returns_the_newest_checkpoint(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    for step in (1, 2):
+        store.save("m", {"w": torch.full((2,), float(step))}, step=step)
+    ckpt, ref = store.load_latest("m")
+    assert ref.step == 2 and torch.equal(ckpt.parameters["w"], torch.full((2,), 2.0))
+    with pytest.raises(vgs_ckpt.CheckpointNotFoundError):
+        store.load_latest("nobody")
