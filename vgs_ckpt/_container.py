@@ -83,6 +83,9 @@ class FileSource:
         # file atomically (as vgs_ckpt does) leaves these pages intact.
         if container.total_bytes == container.header_bytes:
             return {name: memoryview(b"") for name in container.entries}, False
+        with contextlib.suppress(OSError, AttributeError):  # readahead hints only
+            os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            os.posix_fadvise(self._fd, container.header_bytes, 0, os.POSIX_FADV_WILLNEED)
         try:
             mapping = mmap.mmap(self._fd, container.total_bytes, access=mmap.ACCESS_COPY)
         except (OSError, ValueError) as exc:
