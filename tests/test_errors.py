@@ -347,3 +347,17 @@ def test_format_may_be_given_as_a_string_and_unknown_ones_are_refused() -> None:
     assert vgs_ckpt.detect_format(data).format == "v1_policy_only"
     with pytest.raises(UsageError, match="v9_new"):
         vgs_ckpt.save_bytes({"w": torch.ones(1)}, step=0, format="v9_new")
+
+
+def test_one_tensor_referenced_as_torch_and_numpy_is_refused() -> None:
+    def edit(inner: dict[str, Any]) -> None:
+        inner["tree"]["dict"].append(["alias", {"ndarray": "policy/w"}])
+    with pytest.raises(TreeError, match="both as a torch tensor and as a numpy array"):
+        vgs_ckpt.load_bytes(_edit_inner(_good(), edit))
+
+
+def test_invalid_path_is_a_usage_error() -> None:
+    with pytest.raises(UsageError, match="invalid checkpoint path"):
+        vgs_ckpt.load("bad\0name.safetensors")
+    with pytest.raises(UsageError, match="invalid checkpoint path"):
+        vgs_ckpt.detect_format("bad\0name.safetensors")

@@ -148,3 +148,9 @@ def test_upgrade_to_v1_target_leaves_v1_alone() -> None:
                                format=CheckpointFormat.V1_POLICY_ONLY)
     raw = vgs_ckpt.load_bytes(data, upgrade=False)
     assert vgs_ckpt.upgrade(raw, target="v1_policy_only") == (raw, [])
+
+
+def test_upgrade_to_an_unknown_target_is_a_usage_error() -> None:
+    raw = vgs_ckpt.load_bytes(vgs_ckpt.save_bytes({"w": torch.ones(1)}, step=0), upgrade=False)
+    with pytest.raises(vgs_ckpt.UsageError, match="v7_x"):
+        vgs_ckpt.upgrade(raw, target="v7_x")

@@ -313,3 +313,11 @@ def test_load_latest_returns_the_newest_checkpoint(tmp_path: Path) -> None:
     assert ref.step == 2 and torch.equal(ckpt.parameters["w"], torch.full((2,), 2.0))
     with pytest.raises(vgs_ckpt.CheckpointNotFoundError):
         store.load_latest("nobody")
+
+
+def test_store_save_takes_the_format_as_a_string(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    ref = store.save("m", {"w": torch.ones(1)}, step=1, hyperparams={"lr": 0.1},
+                     format="v2_full_parameters")
+    header = vgs_ckpt.read_header(ref.path)
+    assert isinstance(header, vgs_ckpt.CheckpointV2) and header.hyperparams == {"lr": 0.1}

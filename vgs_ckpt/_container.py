@@ -2,7 +2,7 @@
 
 Parsing is done here rather than by the safetensors library so that the
 header can be read without touching tensor bytes, every malformation gets a
-precise error, and tensors can be read straight into their own buffers.
+precise error, and tensors can be mapped without a copy.
 """
 
 from __future__ import annotations
@@ -17,7 +17,12 @@ from dataclasses import dataclass
 from typing import IO, Any, Protocol
 
 from vgs_ckpt._dtypes import BY_CODE, DType
-from vgs_ckpt.errors import FormatError
+from vgs_ckpt.errors import (
+    CheckpointIOError,
+    CheckpointNotFoundError,
+    FormatError,
+    UsageError,
+)
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit the safetensors library enforces
 _LEN = struct.Struct("<Q")
@@ -91,10 +96,22 @@ class FileSource:
         except (OSError, ValueError) as exc:
             raise FormatError(f"{self.where}: cannot map the tensor data ({exc}); the file "
                               "changed while being read, or is truncated") from None
-        with contextlib.suppress(OSError, AttributeError):  # a hint; not every OS has it
-            mapping.madvise(mmap.MADV_WILLNEED)
         whole = memoryview(mapping)
         return {n: whole[e.start:e.end] for n, e in container.entries.items()}, True
+
+
+def open_file(path: str | os.PathLike[str]) -> IO[bytes]:
+    """Open a checkpoint for reading, turning OS errors into vgs_ckpt errors."""
+    try:
+        return open(path, "rb", buffering=0)
+    except FileNotFoundError:
+        raise CheckpointNotFoundError(f"checkpoint {os.fspath(path)} does not exist") from None
+    except OSError as exc:
+        raise CheckpointIOError(exc.errno, f"cannot open checkpoint {os.fspath(path)}: "
+                                f"{exc.strerror}", os.fspath(path)) from None
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"invalid checkpoint path {path!r:.80}: {exc}; pass a str or "
+                         "os.PathLike (use load_bytes for bytes)") from None
 
 
 class BytesSource:

@@ -41,7 +41,8 @@ VGS_KEY = "vgs_state"
 _VGS_SCALARS = ("enabled", "beta", "alpha", "eps", "warmup_steps", "step_count",
                 "min_scaling_factor", "variance_cap", "grad_mean_ema", "grad_var_ema",
                 "grad_norm_ema", "grad_max_ema")
-_VGS_TENSORS = ("param_grad_mean_ema", "param_grad_sq_ema", "param_numel")
+# The per-parameter tensors of a VGS state (one entry per parameter tensor).
+VGS_TENSOR_KEYS = ("param_grad_mean_ema", "param_grad_sq_ema", "param_numel")
 _LATEST_NUMBER = format_number(FORMAT_ORDER[-1]) or 0
 
 
@@ -90,7 +91,7 @@ def vgs_summary(parameters: Mapping[Any, Any], tree: dict[str, Any],
     if fields["enabled"] is None:
         fields["enabled"] = True
     nodes = {pair[0]: pair[1] for pair in _vgs_node(tree)}
-    for key in _VGS_TENSORS:
+    for key in VGS_TENSOR_KEYS:
         node = nodes.get(key)
         fields[key] = node["tensor"] if type(node) is dict and "tensor" in node else None
     try:
@@ -145,6 +146,16 @@ def build(parameters: Mapping[Any, Any], *, step: int, performance: float | None
         raise SchemaError(f"{where}: invalid checkpoint header: "
                           f"{describe_validation(exc)}") from None
     return header, arrays
+
+
+def bookkeeping(header: Header) -> dict[str, Any]:
+    """The fields of ``header`` that a re-save or an upgrade carries over, as keyword
+    arguments of :func:`build` and ``vgs_ckpt.save``."""
+    v2 = header if isinstance(header, CheckpointV2) else None
+    return {"step": header.step, "performance": header.performance,
+            "member_id": header.member_id, "created_at": header.created_at,
+            "hyperparams": v2.hyperparams if v2 else None,
+            "lineage": v2.lineage if v2 else None}
 
 
 def digest(data: memoryview) -> str:

@@ -46,11 +46,9 @@ def show_path(path: tuple[str | int, ...]) -> str:
 class Array:
     """One stored array: the bytes to write and what they are."""
 
-    name: str
     dtype: DType
     shape: tuple[int, ...]
     data: memoryview  # contiguous little-endian bytes, format "B"
-    device: str
 
 
 def _check_text(text: str, path: tuple[str | int, ...], what: str) -> None:
@@ -190,12 +188,12 @@ class Encoder:
 
     def _add(self, key: tuple[Any, ...] | None, path: tuple[str | int, ...],
              make: Callable[[], tuple[DType, memoryview]], shape: tuple[int, ...],
-             device: str, source: Any) -> str:
+             source: Any) -> str:
         if key is not None and key in self._seen:
             return self._seen[key]
         name = self._name(path)
         dtype, data = make()
-        self.arrays[name] = Array(name, dtype, shape, data, device)
+        self.arrays[name] = Array(dtype, shape, data)
         self._alive.append(source)
         if key is not None:
             self._seen[key] = name
@@ -203,11 +201,11 @@ class Encoder:
 
     def _add_torch(self, value: torch.Tensor, path: tuple[str | int, ...]) -> str:
         return self._add(_storage_key(value), path, lambda: _torch_bytes(value, path),
-                         tuple(value.shape), str(value.device), value)
+                         tuple(value.shape), value)
 
     def _add_numpy(self, value: np.ndarray[Any, Any], path: tuple[str | int, ...]) -> str:
         return self._add(_numpy_key(value), path, lambda: _numpy_bytes(value, path),
-                         tuple(value.shape), "cpu", value)
+                         tuple(value.shape), value)
 
 
 def encode_tree(tree: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Array]]:
@@ -223,12 +221,11 @@ def encode_tree(tree: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Arra
 
 
 class Decoder:
-    """Turns a JSON node back into a tree, given a loader for named arrays."""
+    """Turns a JSON node back into a tree, given ``array(name, kind)`` that returns the
+    named array as a torch tensor (kind ``"torch"``) or a numpy array (``"numpy"``)."""
 
-    def __init__(self, tensor: Callable[[str], torch.Tensor],
-                 ndarray: Callable[[str], np.ndarray[Any, Any]]) -> None:
-        self._tensor = tensor
-        self._ndarray = ndarray
+    def __init__(self, array: Callable[[str, str], Any]) -> None:
+        self._array = array
 
     def decode(self, node: Any, path: tuple[str | int, ...] = ()) -> Any:
         if node is None or type(node) in (bool, int, str):
@@ -258,16 +255,16 @@ class Decoder:
                 return _FLOAT_SPECIALS[value]
             raise TreeError(f"malformed float at {show_path(path)}: {value!r:.80}")
         if "tensor" in node:
-            tensor = self._tensor(_name_of(node["tensor"], path))
+            tensor = self._array(_name_of(node["tensor"], path), "torch")
             if node.get("parameter") is True:
                 return torch.nn.Parameter(tensor, requires_grad=node.get("requires_grad") is True)
             if node.get("requires_grad") is True:
                 return tensor.detach().requires_grad_(True)
             return tensor
         if "ndarray" in node:
-            return self._ndarray(_name_of(node["ndarray"], path))
+            return self._array(_name_of(node["ndarray"], path), "numpy")
         if "npscalar" in node:
-            return self._ndarray(_name_of(node["npscalar"], path))[()]
+            return self._array(_name_of(node["npscalar"], path), "numpy")[()]
         raise AssertionError("unreachable: _check_members accepted an unknown tag")
 
 
@@ -304,24 +301,3 @@ def _name_of(value: Any, path: tuple[str | int, ...]) -> str:
     if type(value) is not str:
         raise TreeError(f"malformed tensor reference at {show_path(path)}: {value!r:.80}")
     return value
-
-
-def array_kinds(node: Any) -> dict[str, str]:
-    """Every array name a node refers to, with its kind: ``"torch"`` or ``"numpy"``."""
-    found: dict[str, str] = {}
-    stack = [node]
-    while stack:
-        item = stack.pop()
-        if type(item) is not dict:
-            continue
-        for tag, kind in (("tensor", "torch"), ("ndarray", "numpy"), ("npscalar", "numpy")):
-            name = item.get(tag)
-            if type(name) is str and found.setdefault(name, kind) != kind:
-                raise TreeError(f"tensor {name!r} is referenced both as a torch tensor and "
-                                "as a numpy array; the header is corrupt")
-        for tag in ("list", "tuple"):
-            if type(item.get(tag)) is list:
-                stack.extend(item[tag])
-        if type(item.get("dict")) is list:
-            stack.extend(p[1] for p in item["dict"] if type(p) is list and len(p) == 2)
-    return found

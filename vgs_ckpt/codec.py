@@ -22,14 +22,13 @@ from vgs_ckpt._container import (
     FileSource,
     Source,
     layout,
+    open_file,
     read_container,
 )
-from vgs_ckpt._tree import Array, Decoder, array_kinds
+from vgs_ckpt._tree import Array, Decoder
 from vgs_ckpt.checkpoint import Checkpoint
 from vgs_ckpt.detect import sniff_container
 from vgs_ckpt.errors import (
-    CheckpointIOError,
-    CheckpointNotFoundError,
     IntegrityError,
     SchemaError,
     TreeError,
@@ -128,19 +127,6 @@ def save_bytes(parameters: Mapping[Any, Any], *, step: int, performance: float |
     return buffer.getvalue()
 
 
-def _open(path: str | os.PathLike[str]) -> IO[bytes]:
-    try:
-        return open(path, "rb", buffering=0)
-    except FileNotFoundError:
-        raise CheckpointNotFoundError(f"checkpoint {os.fspath(path)} does not exist") from None
-    except OSError as exc:
-        raise CheckpointIOError(exc.errno, f"cannot open checkpoint {os.fspath(path)}: "
-                                f"{exc.strerror}", os.fspath(path)) from None
-    except (ValueError, TypeError) as exc:
-        raise UsageError(f"invalid checkpoint path {path!r:.80}: {exc}; pass a str or "
-                         "os.PathLike (use load_bytes for bytes)") from None
-
-
 def read_header(path: str | os.PathLike[str]) -> Header:
     """The validated header of a vgs_ckpt file, reading no tensor bytes.
 
@@ -148,7 +134,7 @@ def read_header(path: str | os.PathLike[str]) -> Header:
         FormatError, SchemaError, UnsupportedVersionError: the file is not a readable
             vgs_ckpt checkpoint.
     """
-    with _open(path) as handle:
+    with open_file(path) as handle:
         source = FileSource(handle, os.fspath(path))
         return _header.parse(read_container(source), source.where)
 
@@ -195,31 +181,41 @@ def _check_digests(where: str, header: Header, views: dict[str, memoryview]) -> 
             "good copy (load with verify=False only to salvage data)")
 
 
-def _read_arrays(source: Source, container: Container, header: Header,
-                 kinds: dict[str, str], verify: bool) -> dict[str, Any]:
-    """Every array of the file, verified against its digest when ``verify``."""
-    views, shared = source.views(container)
-    if verify:
-        _check_digests(source.where, header, views)
-    return {name: _array(kinds.get(name, "torch"), entry, views[name], shared)
-            for name, entry in container.entries.items()}
+class _Arrays:
+    """Makes each array on its first reference from the tree, in the kind the tree
+    asks for, on the requested device; later references get the same object."""
+
+    def __init__(self, container: Container, views: dict[str, memoryview], shared: bool,
+                 device: torch.device) -> None:
+        self._entries, self._views, self._shared = container.entries, views, shared
+        self._device = device
+        self._made: dict[str, tuple[str, Any]] = {}
+
+    def get(self, name: str, kind: str) -> Any:
+        if name not in self._made:
+            if name not in self._entries:
+                raise TreeError(f"the tree refers to tensor {name!r}, which is not in the file")
+            value = _array(kind, self._entries[name], self._views[name], self._shared)
+            if kind == "torch" and self._device.type != "cpu":
+                value = value.to(self._device)
+            self._made[name] = (kind, value)
+        made_kind, value = self._made[name]
+        if made_kind != kind:
+            raise TreeError(f"tensor {name!r} is referenced both as a torch tensor and as a "
+                            "numpy array")
+        return value
 
 
 def _load_safetensors(source: Source, device: torch.device, verify: bool,
                       path: str | None) -> Checkpoint:
     container = read_container(source)
     header = _header.parse(container, source.where)
+    views, shared = source.views(container)
+    if verify:
+        _check_digests(source.where, header, views)
     try:
-        kinds = array_kinds(header.tree)
-        unknown = set(kinds) - set(container.entries)
-        if unknown:
-            raise TreeError(f"the tree refers to tensors that are not in the file: "
-                            f"{sorted(unknown)[:5]}")
-        arrays = _read_arrays(source, container, header, kinds, verify)
-        if device.type != "cpu":
-            arrays = {n: a.to(device) if isinstance(a, torch.Tensor) else a
-                      for n, a in arrays.items()}
-        parameters = Decoder(arrays.__getitem__, arrays.__getitem__).decode(header.tree)
+        arrays = _Arrays(container, views, shared, device)
+        parameters = Decoder(arrays.get).decode(header.tree)
         if not isinstance(parameters, dict):
             raise TreeError("the root of the tree is not a dict node")
     except TreeError as exc:
@@ -288,7 +284,7 @@ def load(path: str | os.PathLike[str], *, map_location: str | torch.device | Non
         >>> ckpt.header.step, ckpt.format
     """
     where = os.fspath(path)
-    with _open(path) as handle:
+    with open_file(path) as handle:
         return _load(FileSource(handle, where), where, map_location, verify, upgrade, where)
 
 

@@ -9,11 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from vgs_ckpt import codec
+from vgs_ckpt import _header, codec
 from vgs_ckpt._atomic import atomic_write
 from vgs_ckpt.detect import sniff_container
 from vgs_ckpt.errors import CheckpointIOError, FormatError, UsageError, VgsCkptError
-from vgs_ckpt.models import CheckpointV2
 from vgs_ckpt.upgrade import upgrade
 
 __all__ = ["FileResult", "find_checkpoints", "upgrade_file", "upgrade_files"]
@@ -108,11 +107,8 @@ def upgrade_file(source: Path, target: Path | None, *, dry_run: bool = False) ->
             return FileResult(source, done, original, final, (), "up to date")
         backup = _backup_path(source) if target is None else None
         header = upgraded.header
-        v2 = header if isinstance(header, CheckpointV2) else None
-        codec.save(done, upgraded.parameters, step=header.step, performance=header.performance,
-                   member_id=header.member_id, hyperparams=v2.hyperparams if v2 else None,
-                   lineage=v2.lineage if v2 else None, format=header.format_version,
-                   created_at=header.created_at, provenance=header.provenance)
+        codec.save(done, upgraded.parameters, **_header.bookkeeping(header),
+                   format=header.format_version, provenance=header.provenance)
         return FileResult(source, done, original, final, tuple(steps), "upgraded", backup)
     except (VgsCkptError, OSError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -129,10 +125,10 @@ def upgrade_files(paths: Iterable[str | os.PathLike[str]], *, out: str | os.Path
     ``out/<path relative to D>`` with the suffix ``.safetensors``.
     One file's failure does not stop the others.
     """
-    if (out is None) == (not in_place) and not dry_run:
-        raise UsageError("give exactly one of --out DIR or --in-place (or --dry-run)")
     if out is not None and in_place:
         raise UsageError("--out and --in-place exclude each other")
+    if out is None and not in_place and not dry_run:
+        raise UsageError("give exactly one of --out DIR or --in-place (or --dry-run)")
     files = list(find_checkpoints(paths))
     results: list[FileResult] = []
     claimed: dict[Path, Path] = {}
@@ -148,8 +144,6 @@ def upgrade_files(paths: Iterable[str | os.PathLike[str]], *, out: str | os.Path
                                           f"{claimed[target.resolve()]}; rename one"))
                 continue
             claimed[target.resolve()] = source
-            if not dry_run:
-                target.parent.mkdir(parents=True, exist_ok=True)
         if not source.is_file():
             results.append(FileResult(source, target, "?", "-", (),
                                       "failed: no such file"))

@@ -11,9 +11,10 @@ from vgs_ckpt._container import (
     FileSource,
     Source,
     looks_like_safetensors,
+    open_file,
     read_container,
 )
-from vgs_ckpt.errors import CheckpointIOError, CheckpointNotFoundError, FormatError
+from vgs_ckpt.errors import FormatError
 from vgs_ckpt.models import CheckpointFormat
 
 __all__ = ["ContainerKind", "Detection", "detect_format", "sniff_container"]
@@ -50,15 +51,8 @@ def _source_of(path_or_bytes: str | os.PathLike[str] | bytes | bytearray | memor
                ) -> tuple[Source, IO[bytes] | None]:
     if isinstance(path_or_bytes, bytes | bytearray | memoryview):
         return BytesSource(path_or_bytes), None
-    where = os.fspath(path_or_bytes)
-    try:
-        handle = open(where, "rb", buffering=0)  # noqa: SIM115 - closed by detect_format
-    except FileNotFoundError:
-        raise CheckpointNotFoundError(f"checkpoint {where} does not exist") from None
-    except OSError as exc:
-        raise CheckpointIOError(exc.errno, f"cannot open checkpoint {where}: {exc.strerror}",
-                                where) from None
-    return FileSource(handle, where), handle
+    handle = open_file(path_or_bytes)  # closed by detect_format
+    return FileSource(handle, os.fspath(path_or_bytes)), handle
 
 
 def detect_format(path_or_bytes: str | os.PathLike[str] | bytes | bytearray | memoryview,

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from vgs_ckpt._header import VGS_KEY
+from vgs_ckpt._header import VGS_KEY, VGS_TENSOR_KEYS
 from vgs_ckpt.errors import UnsupportedVersionError
 from vgs_ckpt.models import FORMAT_ORDER, VGS_VERSIONS, CheckpointFormat
 
@@ -27,7 +27,6 @@ logger = logging.getLogger("vgs_ckpt")
 LATEST_VGS = VGS_VERSIONS[-1]
 # Defaults of the config keys that VGS 3.2 added.
 VGS_3_2_DEFAULTS = {"min_scaling_factor": 0.1, "variance_cap": 50.0}
-_PER_PARAMETER = ("param_grad_mean_ema", "param_grad_sq_ema", "param_numel")
 
 
 class LegacyFormatWarning(UserWarning):
@@ -99,9 +98,9 @@ def v1_policy_only_to_v2_full_parameters(state: Upgrading) -> Upgrading:
 def _drop_stale_emas(state: Upgrading, version: str) -> Upgrading:
     old = _vgs(state)
     record = {"vgs_version": version, "step_count": old.get("step_count")}
-    record.update({key: _json_floats(old[key]) for key in _PER_PARAMETER if key in old})
+    record.update({key: _json_floats(old[key]) for key in VGS_TENSOR_KEYS if key in old})
     new = {**old, "vgs_version": "3.1", "step_count": 0}
-    for key in _PER_PARAMETER:
+    for key in VGS_TENSOR_KEYS:
         new[key] = None
     return _with_vgs(state, new, {"vgs": record})
 

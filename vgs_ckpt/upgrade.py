@@ -9,9 +9,10 @@ from typing import Any
 from vgs_ckpt import _header
 from vgs_ckpt._header import VGS_KEY
 from vgs_ckpt.checkpoint import Checkpoint
+from vgs_ckpt.errors import UsageError
 from vgs_ckpt.legacy import LegacyCheckpoint
 from vgs_ckpt.migrations import Upgrading, upgrade_tree, vgs_version_of
-from vgs_ckpt.models import FORMAT_ORDER, CheckpointFormat, CheckpointV2, Producer
+from vgs_ckpt.models import FORMAT_ORDER, CheckpointFormat, Producer
 
 __all__ = ["from_legacy", "upgrade"]
 
@@ -62,7 +63,12 @@ def upgrade(checkpoint: Checkpoint,
     state = Upgrading(header.format_version, checkpoint.parameters,
                       vgs_state_absent=old.vgs_state_absent if old else False,
                       legacy=dict(old.legacy) if old else {})
-    state, applied = upgrade_tree(state, CheckpointFormat(target))
+    try:
+        target = CheckpointFormat(target)
+    except ValueError:
+        raise UsageError(f"unknown target format {target!r}; expected one of "
+                         f"{', '.join(FORMAT_ORDER)}") from None
+    state, applied = upgrade_tree(state, target)
     # A file read from a legacy torch container gets a provenance record even when
     # no step applies, so the container it came from is not forgotten.
     if not applied and (old is not None or checkpoint.container == "safetensors"):
@@ -75,11 +81,8 @@ def upgrade(checkpoint: Checkpoint,
         "vgs_state_absent": state.vgs_state_absent,
         "legacy": state.legacy,
     }
-    v2 = header if isinstance(header, CheckpointV2) else None
     new_header, arrays = _header.build(
-        state.parameters, step=header.step, performance=header.performance,
-        member_id=header.member_id, hyperparams=v2.hyperparams if v2 else None,
-        lineage=v2.lineage if v2 else None, format=state.format, created_at=header.created_at,
+        state.parameters, **_header.bookkeeping(header), format=state.format,
         where=checkpoint.path or "<bytes>", producer=header.producer, provenance=provenance)
     parameters = dict(state.parameters)
     return Checkpoint(parameters, _finish(new_header, arrays), checkpoint.container,

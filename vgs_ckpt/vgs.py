@@ -16,9 +16,9 @@ from typing import Any
 import pydantic
 import torch
 
-from vgs_ckpt._header import describe_validation
+from vgs_ckpt._header import VGS_TENSOR_KEYS, describe_validation
 from vgs_ckpt.errors import SchemaError, UsageError
-from vgs_ckpt.migrations import LATEST_VGS, Upgrading, upgrade_tree, vgs_version_of
+from vgs_ckpt.migrations import LATEST_VGS, Upgrading, upgrade_tree
 from vgs_ckpt.models import CheckpointFormat, VGSState
 
 __all__ = ["VarianceGradientScaler"]
@@ -179,18 +179,17 @@ class VarianceGradientScaler:
         if state is None:
             self.reset()
             return []
-        vgs_version_of(state)
         upgraded, applied = upgrade_tree(Upgrading(CheckpointFormat.V2_FULL_PARAMETERS,
                                                    {"vgs_state": dict(state)}))
         new = upgraded.parameters["vgs_state"]
         scalars = {k: new[k] for k in VGSState.model_fields
-                   if k not in _TENSOR_KEYS and new.get(k) is not None}
+                   if k not in VGS_TENSOR_KEYS and new.get(k) is not None}
         try:
             checked = VGSState.model_validate(scalars)
         except pydantic.ValidationError as exc:
             raise SchemaError(f"invalid VGS state: {describe_validation(exc, 'vgs_state')}"
                               ) from None
-        tensors = {k: new.get(k) for k in _TENSOR_KEYS}
+        tensors = {k: new.get(k) for k in VGS_TENSOR_KEYS}
         for key, value in tensors.items():
             if value is not None and (not isinstance(value, torch.Tensor) or value.dim() != 1
                                       or value.numel() != len(self.params)):
@@ -211,8 +210,6 @@ class VarianceGradientScaler:
         self.grad_norm_ema, self.grad_max_ema = checked.grad_norm_ema, checked.grad_max_ema
         return applied
 
-
-_TENSOR_KEYS = ("param_grad_mean_ema", "param_grad_sq_ema", "param_numel")
 
 
 def _copy(tensor: torch.Tensor | None) -> torch.Tensor | None:

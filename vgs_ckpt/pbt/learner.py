@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from vgs_ckpt._header import VGS_KEY
+from vgs_ckpt.pbt.transfer import update_param_group
 from vgs_ckpt.vgs import VarianceGradientScaler
 
 __all__ = ["TorchLearner"]
@@ -55,10 +56,7 @@ class TorchLearner:
     def set_hyperparams(self, hyperparams: Mapping[str, Any]) -> None:
         """Apply ``lr`` (and any other param-group key) to the optimizer."""
         for group in self.optimizer.param_groups:
-            for key, value in hyperparams.items():
-                name = "lr" if key == "learning_rate" else key
-                if name in group and name != "params":
-                    group[name] = value
+            update_param_group(group, hyperparams)
 
     def train_step(self, loss_fn: Any) -> float:
         """One step: backward, VGS scaling, optimizer step, VGS statistics update."""

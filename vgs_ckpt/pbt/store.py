@@ -79,28 +79,28 @@ class CheckpointStore:
     def save(self, member_id: str, parameters: Mapping[Any, Any], *, step: int,
              performance: float | None = None, hyperparams: Mapping[str, Any] | None = None,
              lineage: Lineage | None = None,
-             format: CheckpointFormat = CheckpointFormat.V2_FULL_PARAMETERS) -> CheckpointRef:
+             format: CheckpointFormat | str = CheckpointFormat.V2_FULL_PARAMETERS
+             ) -> CheckpointRef:
         """Save one checkpoint of a member atomically, then apply retention."""
-        directory = self.member_dir(member_id)
-        directory.mkdir(exist_ok=True)
-        path = directory / f"step_{step:012d}.safetensors"
-        v2 = format is CheckpointFormat.V2_FULL_PARAMETERS
+        path = self.member_dir(member_id) / f"step_{step:012d}.safetensors"
+        v2 = format == CheckpointFormat.V2_FULL_PARAMETERS  # a StrEnum: str or member
         codec.save(path, parameters, step=step, performance=performance, member_id=member_id,
                    hyperparams=hyperparams if v2 else None, lineage=lineage if v2 else None,
                    format=format, durable=self.durable)
         self._prune(member_id)
         return CheckpointRef(member_id, step, path, performance)
 
+    def _ref(self, member_id: str, path: Path) -> CheckpointRef | None:
+        try:
+            header = codec.read_header(path)
+        except CheckpointNotFoundError:
+            return None  # pruned by another process meanwhile
+        return CheckpointRef(member_id, header.step, path, header.performance)
+
     def checkpoints(self, member_id: str) -> list[CheckpointRef]:
         """The member's checkpoints, oldest first (headers are read, not tensors)."""
-        refs = []
-        for path in self._paths(member_id):
-            try:
-                header = codec.read_header(path)
-            except (CheckpointNotFoundError, FileNotFoundError):
-                continue  # pruned by another process meanwhile
-            refs.append(CheckpointRef(member_id, header.step, path, header.performance))
-        return refs
+        refs = (self._ref(member_id, path) for path in self._paths(member_id))
+        return [ref for ref in refs if ref is not None]
 
     def _paths(self, member_id: str) -> list[Path]:
         directory = self.member_dir(member_id)
@@ -113,28 +113,26 @@ class CheckpointStore:
     def latest(self, member_id: str) -> CheckpointRef | None:
         """The member's newest checkpoint (highest step), or None."""
         for path in reversed(self._paths(member_id)):
-            try:
-                header = codec.read_header(path)
-            except (CheckpointNotFoundError, FileNotFoundError):
-                continue
-            return CheckpointRef(member_id, header.step, path, header.performance)
+            ref = self._ref(member_id, path)
+            if ref is not None:
+                return ref
         return None
+
+    def _best_first(self, refs: list[CheckpointRef]) -> list[CheckpointRef]:
+        """The refs with a performance, best first (the newer one wins a tie)."""
+        sign = 1 if self.mode == "max" else -1
+        return sorted((r for r in refs if r.performance is not None),
+                      key=lambda r: (sign * (r.performance or 0.0), r.step), reverse=True)
 
     def best(self, member_id: str) -> CheckpointRef | None:
         """The member's best checkpoint by performance, or None."""
-        scored = [r for r in self.checkpoints(member_id) if r.performance is not None]
-        if not scored:
-            return None
-        sign = 1 if self.mode == "max" else -1
-        return max(scored, key=lambda r: (sign * (r.performance or 0.0), r.step))
+        ranked = self._best_first(self.checkpoints(member_id))
+        return ranked[0] if ranked else None
 
     def _prune(self, member_id: str) -> None:
         refs = self.checkpoints(member_id)
         keep = {r.path for r in refs[-self.keep_last:]}
-        sign = 1 if self.mode == "max" else -1
-        scored = sorted((r for r in refs if r.performance is not None),
-                        key=lambda r: (sign * (r.performance or 0.0), r.step), reverse=True)
-        keep |= {r.path for r in scored[:self.keep_best]}
+        keep |= {r.path for r in self._best_first(refs)[:self.keep_best]}
         for ref in refs:
             if ref.path not in keep:
                 ref.path.unlink(missing_ok=True)

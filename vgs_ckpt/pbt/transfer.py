@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -16,7 +16,7 @@ from vgs_ckpt.pbt.store import CheckpointStore
 from vgs_ckpt.upgrade import upgrade
 
 __all__ = ["VGS_HYPERPARAM_PREFIX", "ExploitResult", "OptimizerStrategy", "apply_hyperparams",
-           "exploit", "optimizer_state_paths", "reset_optimizer_state"]
+           "exploit", "optimizer_state_paths", "reset_optimizer_state", "update_param_group"]
 
 logger = logging.getLogger("vgs_ckpt")
 OptimizerStrategy = Literal["copy", "reset"]
@@ -65,13 +65,23 @@ def _get(tree: Mapping[Any, Any], path: tuple[Any, ...]) -> Any:
     return node
 
 
+def update_param_group(group: MutableMapping[str, Any], hyperparams: Mapping[str, Any]
+                       ) -> None:
+    """Set every hyperparameter the optimizer ``param_group`` already has (``lr``,
+    ``weight_decay``, ``betas``, ...; ``learning_rate`` is read as ``lr``) in place."""
+    for key, value in hyperparams.items():
+        name = _ALIASES.get(key, key)
+        if name in group and name != "params":
+            group[name] = tuple(value) if isinstance(group[name], tuple) else value
+
+
 def apply_hyperparams(parameters: Mapping[Any, Any], hyperparams: Mapping[str, Any]
                       ) -> dict[Any, Any]:
     """Apply explored hyperparameters to a loaded tree, so saved values don't win.
 
-    - A key that every optimizer ``param_group`` already has (``lr``, ``weight_decay``,
-      ``betas``, ``eps``, ...; ``learning_rate`` is read as ``lr``) is set in every
-      param group of every optimizer state in the tree.
+    - A key that an optimizer ``param_group`` already has (``lr``, ``weight_decay``,
+      ``betas``, ``eps``, ...; ``learning_rate`` is read as ``lr``) is set in the param
+      groups of every optimizer state in the tree (see :func:`update_param_group`).
     - ``vgs_<knob>`` (``vgs_alpha``, ``vgs_beta``, ``vgs_warmup_steps``, ...) sets that
       knob of ``parameters["vgs_state"]`` when there is one.
     Other keys are left to the caller. The input is not modified.
@@ -79,14 +89,9 @@ def apply_hyperparams(parameters: Mapping[Any, Any], hyperparams: Mapping[str, A
     out: dict[Any, Any] = dict(parameters)
     for path in optimizer_state_paths(out):
         state = dict(_get(out, path))
-        groups = []
-        for saved in state["param_groups"]:
-            group = dict(saved)
-            for key, value in hyperparams.items():
-                name = _ALIASES.get(key, key)
-                if name in group and name != "params":
-                    group[name] = tuple(value) if isinstance(group[name], tuple) else value
-            groups.append(group)
+        groups = [dict(group) for group in state["param_groups"]]
+        for group in groups:
+            update_param_group(group, hyperparams)
         state["param_groups"] = groups
         out = _replace(out, path, state)
     vgs = out.get(VGS_KEY)
