@@ -21,7 +21,12 @@ from vgs_ckpt.errors import SchemaError, UsageError
 from vgs_ckpt.migrations import LATEST_VGS, Upgrading, upgrade_tree
 from vgs_ckpt.models import CheckpointFormat, VGSState
 
-__all__ = ["VarianceGradientScaler"]
+__all__ = ["VGS_KNOBS", "VarianceGradientScaler"]
+
+# The configuration knobs of the scaler (its keyword arguments); PBT explores them as
+# ``vgs_<knob>`` hyperparameters.
+VGS_KNOBS = ("enabled", "beta", "alpha", "eps", "warmup_steps", "min_scaling_factor",
+             "variance_cap")
 
 _MAX_GLOBAL = 1e6
 _MIN_MEAN_SQ = 1e-12
@@ -65,6 +70,10 @@ class VarianceGradientScaler:
             raise UsageError(f"invalid VGS configuration: {describe_validation(exc)}") from None
         self.reset()
 
+    def config(self) -> dict[str, Any]:
+        """The knobs (:data:`VGS_KNOBS`) as keyword arguments of the constructor."""
+        return {knob: getattr(self, knob) for knob in VGS_KNOBS}
+
     def reset(self) -> None:
         """Forget every statistic (as for a member whose VGS state was absent)."""
         self.step_count = 0
@@ -75,6 +84,8 @@ class VarianceGradientScaler:
         self.grad_var_ema: float | None = None
         self.grad_norm_ema: float | None = None
         self.grad_max_ema: float | None = None
+        # (count, sum, sum of squares, max |g|) of the gradients folded this step.
+        self._pending: tuple[int, float, float, float] = (0, 0.0, 0.0, 0.0)
 
     def _scalars(self) -> dict[str, Any]:
         return {"vgs_version": LATEST_VGS, "enabled": self.enabled, "beta": self.beta,
@@ -86,29 +97,51 @@ class VarianceGradientScaler:
     @torch.no_grad()
     def update(self) -> None:
         """Fold the current gradients into the statistics (call after optimizer.step())."""
-        n = len(self.params)
+        self.fold(range(len(self.params)))
+        self.advance()
+
+    @torch.no_grad()
+    def fold(self, indices: Iterable[int]) -> None:
+        """Fold the gradients of the parameters at ``indices`` into their EMAs.
+
+        For models whose parameters are stepped by several optimizers (an actor and a
+        critic): each optimizer's step folds its own parameters, and :meth:`advance`
+        closes the training step. :meth:`update` is ``fold(all)`` then ``advance()``.
+        """
         if self.param_grad_mean_ema is None or self.param_grad_sq_ema is None:
+            n = len(self.params)
             self.param_grad_mean_ema = torch.zeros(n, dtype=torch.float32)
             self.param_grad_sq_ema = torch.zeros(n, dtype=torch.float32)
             self.param_numel = torch.tensor([float(p.numel()) for p in self.params],
                                             dtype=torch.float32)
-        self.step_count += 1
         beta = self.beta
-        grads = []
-        for i, param in enumerate(self.params):
-            if param.grad is None:
+        for i in indices:
+            grad = self.params[i].grad
+            if grad is None:
                 continue
-            g = param.grad.detach().float()
-            grads.append(g.reshape(-1))
-            self.param_grad_mean_ema[i] = beta * self.param_grad_mean_ema[i] + (1 - beta) * g.mean()
-            self.param_grad_sq_ema[i] = (beta * self.param_grad_sq_ema[i]
-                                         + (1 - beta) * g.pow(2).mean())
-        if grads:
-            flat = torch.cat(grads)
-            self.grad_mean_ema = self._ema(self.grad_mean_ema, float(flat.mean()))
-            self.grad_var_ema = self._ema(self.grad_var_ema, float(flat.var(unbiased=False)))
-            self.grad_norm_ema = self._ema(self.grad_norm_ema, float(flat.norm()))
-            self.grad_max_ema = self._ema(self.grad_max_ema, float(flat.abs().max()))
+            g = grad.detach().float()
+            mean, sq = g.mean(), g.pow(2).mean()
+            self.param_grad_mean_ema[i] = beta * self.param_grad_mean_ema[i] + (1 - beta) * mean
+            self.param_grad_sq_ema[i] = beta * self.param_grad_sq_ema[i] + (1 - beta) * sq
+            # Moments of all folded gradients together, for the global statistics.
+            count, total, total_sq, peak = self._pending
+            self._pending = (count + g.numel(), total + float(g.sum(dtype=torch.float64)),
+                             total_sq + float(g.double().pow(2).sum()),
+                             max(peak, float(g.abs().max())) if g.numel() else peak)
+
+    def advance(self) -> None:
+        """Close one training step: count it, and fold the moments of the gradients
+        folded since the last call into the global statistics."""
+        self.step_count += 1
+        count, total, total_sq, peak = self._pending
+        self._pending = (0, 0.0, 0.0, 0.0)
+        if count:
+            mean = total / count
+            self.grad_mean_ema = self._ema(self.grad_mean_ema, mean)
+            self.grad_var_ema = self._ema(self.grad_var_ema, max(total_sq / count - mean * mean,
+                                                                 0.0))
+            self.grad_norm_ema = self._ema(self.grad_norm_ema, total_sq ** 0.5)
+            self.grad_max_ema = self._ema(self.grad_max_ema, peak)
 
     def _ema(self, old: float | None, value: float) -> float:
         # The legacy global statistics are for logging; they start at the first value.
@@ -140,11 +173,12 @@ class VarianceGradientScaler:
         return min(max(scale, self.min_scaling_factor), 1.0)
 
     @torch.no_grad()
-    def scale_gradients(self) -> float:
-        """Multiply every gradient by :meth:`scaling_factor` (call before optimizer.step())."""
+    def scale_gradients(self, parameters: Iterable[torch.Tensor] | None = None) -> float:
+        """Multiply every gradient (or those of ``parameters``) by :meth:`scaling_factor`
+        (call before optimizer.step())."""
         scale = self.scaling_factor()
         if scale != 1.0:
-            for param in self.params:
+            for param in self.params if parameters is None else parameters:
                 if param.grad is not None:
                     param.grad.mul_(scale)
         return scale
@@ -208,6 +242,7 @@ class VarianceGradientScaler:
         self.param_numel = _copy(tensors["param_numel"])
         self.grad_mean_ema, self.grad_var_ema = checked.grad_mean_ema, checked.grad_var_ema
         self.grad_norm_ema, self.grad_max_ema = checked.grad_norm_ema, checked.grad_max_ema
+        self._pending = (0, 0.0, 0.0, 0.0)
         return applied
 
 

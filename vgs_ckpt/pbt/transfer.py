@@ -14,6 +14,7 @@ from vgs_ckpt.errors import UsageError
 from vgs_ckpt.models import CheckpointFormat, ExploitSource
 from vgs_ckpt.pbt.store import CheckpointStore
 from vgs_ckpt.upgrade import upgrade
+from vgs_ckpt.vgs import VGS_KNOBS
 
 __all__ = ["VGS_HYPERPARAM_PREFIX", "ExploitResult", "OptimizerStrategy", "apply_hyperparams",
            "exploit", "optimizer_state_paths", "reset_optimizer_state", "update_param_group"]
@@ -21,8 +22,6 @@ __all__ = ["VGS_HYPERPARAM_PREFIX", "ExploitResult", "OptimizerStrategy", "apply
 logger = logging.getLogger("vgs_ckpt")
 OptimizerStrategy = Literal["copy", "reset"]
 VGS_HYPERPARAM_PREFIX = "vgs_"
-_VGS_KNOBS = ("beta", "alpha", "eps", "warmup_steps", "min_scaling_factor", "variance_cap",
-              "enabled")
 _ALIASES = {"learning_rate": "lr"}
 
 
@@ -98,7 +97,7 @@ def apply_hyperparams(parameters: Mapping[Any, Any], hyperparams: Mapping[str, A
     if isinstance(vgs, Mapping):
         knobs = {key[len(VGS_HYPERPARAM_PREFIX):]: value for key, value in hyperparams.items()
                  if key.startswith(VGS_HYPERPARAM_PREFIX)
-                 and key[len(VGS_HYPERPARAM_PREFIX):] in _VGS_KNOBS}
+                 and key[len(VGS_HYPERPARAM_PREFIX):] in VGS_KNOBS}
         if knobs:
             out[VGS_KEY] = {**vgs, **knobs}
     return out
