@@ -6,6 +6,7 @@ import copy
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -400,3 +401,14 @@ def test_without_sb3_the_module_says_how_to_install_it() -> None:
                          check=True).stdout
     assert out.startswith("OK") and "pip install 'vgs-ckpt[sb3]'" in out
     assert issubclass(MissingDependencyError, ImportError)
+
+
+def test_the_example_runs_asynchronously(tmp_path) -> None:
+    example = Path(__file__).parent.parent / "examples" / "sb3_pbt.py"
+    out = subprocess.run([sys.executable, str(example), "--timesteps", "2048", "--interval",
+                          "512", "--async", "--dir", str(tmp_path)],
+                         capture_output=True, text=True, check=True, timeout=300).stdout
+    assert "exploit: member" in out
+    summary = next(line for line in out.splitlines() if " exploits in " in line)
+    exploits, matched = summary.split(" exploits in ")[0], summary.split("after ")[1].split()[0]
+    assert int(exploits) > 0 and matched == exploits
