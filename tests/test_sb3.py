@@ -257,6 +257,16 @@ def test_set_state_checks_everything_before_changing_anything() -> None:
     with pytest.raises(UsageError, match="no VGS; call attach_vgs"):
         sb3.set_state(model, {**tree, "vgs_state": sb3.VarianceGradientScaler(
             model.policy.parameters()).state_dict()})
+    vgs_model = ppo()
+    sb3.attach_vgs(vgs_model)
+    vgs_model.learn(64)
+    vgs_before = snapshot(vgs_model)
+    other_vgs = sb3.get_state(trained(ppo(1)))
+    other_vgs["vgs_state"] = {**sb3.vgs_scaler(vgs_model).state_dict(),
+                              "param_grad_mean_ema": torch.zeros(3)}
+    with pytest.raises(vgs_ckpt.SchemaError, match="one entry per parameter"):
+        sb3.set_state(vgs_model, other_vgs)
+    tensors_equal(sb3.get_state(vgs_model), vgs_before)
     with pytest.raises(UsageError, match="network architectures differ"):
         sb3.set_state(model, snapshot(ppo(policy_kwargs={"net_arch": [8]})))
     tensors_equal(sb3.get_state(model), before)
@@ -303,6 +313,9 @@ def test_sac_fixed_and_learned_temperature() -> None:
     with pytest.raises(UsageError, match="learns its entropy coefficient"):
         sb3.set_hyperparams(sac(), {"ent_coef": 0.2})
     learned = sb3.get_state(sac())
+    bad = {**learned, "pytorch_variables": {"log_ent_coef": torch.zeros(2)}}
+    with pytest.raises(UsageError, match="expected a tensor of shape"):
+        sb3.set_state(sac(), bad)
     with pytest.raises(UsageError, match="ent_coef_optimizer: not part of this SAC"):
         sb3.set_state(fixed, learned)
     del learned["ent_coef_optimizer"]

@@ -266,10 +266,18 @@ def set_state(model: Any, tree: Mapping[str, Any], *,
         raise UsageError(f"{VARIABLES_KEY}: {', '.join(unknown)} not in this {kind} (it has "
                          f"{', '.join(variable_names) or 'none'}); e.g. a SAC with a learned "
                          "ent_coef cannot restore into one with a fixed ent_coef")
+    for name, value in variables.items():
+        target = _resolve(algo, name)
+        if not isinstance(value, torch.Tensor) or value.shape != target.shape:
+            raise UsageError(f"{VARIABLES_KEY}.{name}: expected a tensor of shape "
+                             f"{tuple(target.shape)}, got {getattr(value, 'shape', value)!r}")
     scaler = vgs_scaler(algo)
-    if vgs is not _MISSING and vgs is not None and scaler is None:
-        raise UsageError(f"the tree carries VGS state but this {kind} has no VGS; call "
-                         "attach_vgs(model) before set_state")
+    if vgs is not _MISSING and vgs is not None:
+        if scaler is None:
+            raise UsageError(f"the tree carries VGS state but this {kind} has no VGS; call "
+                             "attach_vgs(model) before set_state")
+        # Load into a scratch scaler first: a bad state raises before anything changes.
+        VarianceGradientScaler(scaler.params, **scaler.config()).load_state_dict(vgs)
     for name, part in parts.items():
         target = _resolve(algo, name)
         if isinstance(target, torch.nn.Module):
