@@ -114,20 +114,25 @@ class VarianceGradientScaler:
             self.param_grad_sq_ema = torch.zeros(n, dtype=torch.float32)
             self.param_numel = torch.tensor([float(p.numel()) for p in self.params],
                                             dtype=torch.float32)
+        present = [i for i in indices if self.params[i].grad is not None]
+        if not present:
+            return
+        grads = [self.params[i].grad.detach().float() for i in present]  # type: ignore[union-attr]
+        numel = torch.tensor([float(g.numel()) for g in grads], dtype=torch.float64)
+        mean = torch.stack([g.mean() for g in grads])
+        mean_sq = torch.stack([g.pow(2).mean() for g in grads])
+        where = torch.tensor(present)
         beta = self.beta
-        for i in indices:
-            grad = self.params[i].grad
-            if grad is None:
-                continue
-            g = grad.detach().float()
-            mean, sq = g.mean(), g.pow(2).mean()
-            self.param_grad_mean_ema[i] = beta * self.param_grad_mean_ema[i] + (1 - beta) * mean
-            self.param_grad_sq_ema[i] = beta * self.param_grad_sq_ema[i] + (1 - beta) * sq
-            # Moments of all folded gradients together, for the global statistics.
-            count, total, total_sq, peak = self._pending
-            self._pending = (count + g.numel(), total + float(g.sum(dtype=torch.float64)),
-                             total_sq + float(g.double().pow(2).sum()),
-                             max(peak, float(g.abs().max())) if g.numel() else peak)
+        self.param_grad_mean_ema[where] = beta * self.param_grad_mean_ema[where] + (1 - beta) * mean
+        self.param_grad_sq_ema[where] = (beta * self.param_grad_sq_ema[where]
+                                         + (1 - beta) * mean_sq)
+        # Moments of all folded gradients together, for the global statistics.
+        count, total, total_sq, peak = self._pending
+        peaks = [g.abs().max() for g in grads if g.numel()]
+        self._pending = (count + int(numel.sum()),
+                         total + float((mean.double() * numel).sum()),
+                         total_sq + float((mean_sq.double() * numel).sum()),
+                         max(peak, float(torch.stack(peaks).max())) if peaks else peak)
 
     def advance(self) -> None:
         """Close one training step: count it, and fold the moments of the gradients
