@@ -464,6 +464,7 @@ class ExploitEvent:
     donor_id: str
     timestep: int  # the recipient's num_timesteps
     donor_step: int  # the donor checkpoint's step (its num_timesteps when saved)
+    donor_performance: float | None  # the performance recorded in that checkpoint
     format: CheckpointFormat
     hyperparams: dict[str, Any]
     vgs_step_before: int | None  # the recipient's VGS step_count before / after
@@ -573,6 +574,7 @@ class PBTCallback(BaseCallback):
         event = ExploitEvent(
             member_id=self.member_id, donor_id=source.member_id if source else "?",
             timestep=self.model.num_timesteps, donor_step=source.step if source else -1,
+            donor_performance=source.performance if source else None,
             format=fmt, hyperparams=dict(hyperparams), vgs_step_before=before,
             vgs_step_after=scaler.step_count if scaler is not None else None,
             donor_vgs_step=int(donor_vgs["step_count"]) if isinstance(donor_vgs, Mapping)

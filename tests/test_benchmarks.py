@@ -1,0 +1,56 @@
+"""Smoke tests of the benchmarks that are not timed tests themselves."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parent.parent
+
+
+@pytest.mark.sb3
+def test_pbt_efficiency_quick_runs(tmp_path: Path) -> None:
+    pytest.importorskip("stable_baselines3")
+    out = tmp_path / "runs.json"
+    table = tmp_path / "table.md"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "pbt_efficiency.py"), "--quick",
+                    "--out", str(out), "--markdown", str(table)],
+                   check=True, capture_output=True, text=True, timeout=600)
+    result = json.loads(out.read_text())
+    # 5 arms x 2 schedules x 2 seeds on each of the two tasks.
+    assert len(result["runs"]) == 40
+    assert {r["arm"] for r in result["runs"]} == {"full", "policy_only", "no_vgs_state",
+                                                  "optimizer_reset", "no_vgs"}
+    assert any(r["exploits"] for r in result["runs"])
+    for run in result["runs"]:
+        for exploit in run["exploits"]:
+            fmt = "v1_policy_only" if run["arm"] == "policy_only" else "v2_full_parameters"
+            assert exploit["format"] == fmt
+            if run["arm"] in ("full", "optimizer_reset"):
+                assert exploit["vgs_step_after"] == exploit["donor_vgs_step"]
+            if run["arm"] in ("policy_only", "no_vgs_state"):
+                assert exploit["vgs_step_after"] == exploit["vgs_step_before"]
+    assert "| full |" in table.read_text()
+
+
+def test_bootstrap_interval_covers_the_mean() -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import pbt_efficiency
+    finally:
+        sys.path.pop(0)
+    mean, lo, hi = pbt_efficiency.bootstrap_ci([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert mean == 3.0 and lo < mean < hi and lo >= 1.0 and hi <= 5.0
+    assert pbt_efficiency.bootstrap_ci([2.0])[0] == 2.0
+    run = {"curve": [(100, [1.0, 5.0]), (200, [3.0, 9.0])],
+           "exploits": [{"return_after": 4.0, "donor_performance": 5.0,
+                         "vgs_step_before": 1, "donor_vgs_step": 2}]}
+    metrics = pbt_efficiency.run_metrics(run, threshold=8.0)
+    assert metrics["auc_best"] == 7.0  # 5 over [0, 100], 9 over [100, 200]
+    assert metrics["auc_mean"] == 4.5
+    assert metrics["steps_to_threshold"] == 200
+    assert metrics["dip"] == -1.0 and metrics["mismatched_exploits"] == 1.0
