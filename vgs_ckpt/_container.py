@@ -25,6 +25,10 @@ from vgs_ckpt.errors import (
 )
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit the safetensors library enforces
+# Deepest nesting of JSON arrays and objects a reader accepts (spec section 4): deep
+# enough for any tree save() writes (at most MAX_TREE_DEPTH containers), shallow
+# enough that no parser or walker runs out of stack.
+MAX_JSON_DEPTH = 512
 _LEN = struct.Struct("<Q")
 ALIGNMENT = 8
 
@@ -180,7 +184,9 @@ def read_container(source: Source) -> Container:
                           f"({size} bytes); the file is truncated or not a safetensors file")
     raw = source.read(8, length)
     try:
-        header = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+        header = loads_json(raw.decode("utf-8"), where, "safetensors header")
+    except FormatError:
+        raise
     except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as exc:
         raise FormatError(f"{where}: malformed safetensors header JSON ({exc}); "
                           "the file is corrupt") from None
@@ -205,6 +211,40 @@ def read_container(source: Source) -> Container:
         raise FormatError(f"{where}: {what} the last tensor (tensor data ends at {expected}, file "
                           f"has {size} bytes); the file is truncated or was appended to")
     return Container(metadata, {e.name: e for e in entries}, data_start, size)
+
+
+def json_depth(value: Any) -> int:
+    """The deepest nesting of lists and dicts in a parsed JSON value (no recursion)."""
+    depth, level = 0, [value]
+    while level:
+        containers = [node for node in level if type(node) is dict or type(node) is list]
+        if not containers:
+            break
+        depth += 1
+        level = []
+        for node in containers:
+            level.extend(node.values() if type(node) is dict else node)
+    return depth
+
+
+def loads_json(text: str, where: str, what: str) -> Any:
+    """``json.loads`` for untrusted text: standard constants only, nesting bounded.
+
+    Raises:
+        FormatError: nested deeper than :data:`MAX_JSON_DEPTH`.
+        ValueError: malformed JSON (callers turn it into their own FormatError).
+    """
+    try:
+        value = json.loads(text, parse_constant=_no_constant)
+    except RecursionError:  # the C parser's own stack guard
+        value, depth = None, None
+    else:
+        depth = json_depth(value)
+    if depth is None or depth > MAX_JSON_DEPTH:
+        raise FormatError(f"{where}: the {what} JSON is nested "
+                          f"{'too' if depth is None else f'{depth} levels'} deep, more than "
+                          f"the limit of {MAX_JSON_DEPTH}; the file is corrupt or hostile")
+    return value
 
 
 def _no_constant(name: str) -> None:

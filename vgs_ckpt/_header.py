@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, TypeAlias
@@ -11,7 +10,7 @@ import pydantic
 import torch
 import xxhash
 
-from vgs_ckpt._container import Container
+from vgs_ckpt._container import Container, loads_json
 from vgs_ckpt._tree import Array, encode_tree
 from vgs_ckpt._version import __version__
 from vgs_ckpt.errors import FormatError, SchemaError, UnsupportedVersionError, UsageError
@@ -191,7 +190,9 @@ def parse(container: Container, where: str) -> CheckpointV1 | CheckpointV2:
     if META_HEADER not in meta:
         raise FormatError(f"{where}: __metadata__ has no {META_HEADER!r}; the file is corrupt")
     try:
-        raw = json.loads(meta[META_HEADER], parse_constant=_reject_constant)
+        raw = loads_json(meta[META_HEADER], where, "vgs_ckpt header")
+    except FormatError:
+        raise
     except ValueError as exc:
         raise FormatError(f"{where}: malformed vgs_ckpt header JSON ({exc}); "
                           "the file is corrupt") from None
@@ -206,10 +207,6 @@ def parse(container: Container, where: str) -> CheckpointV1 | CheckpointV2:
                           f"{describe_validation(exc)}") from None
     _check_index(header, container, where)
     return header
-
-
-def _reject_constant(name: str) -> None:
-    raise ValueError(f"non-standard JSON constant {name}")
 
 
 def _check_index(header: CheckpointV1 | CheckpointV2, container: Container, where: str) -> None:

@@ -25,6 +25,9 @@ from vgs_ckpt.errors import TreeError, UnsupportedTypeError
 
 SEPARATOR = "/"
 RESERVED_NAMES = frozenset({"__metadata__"})
+# Deepest nesting of dicts, lists and tuples save() accepts (spec section 5); its
+# JSON stays well inside the readers' MAX_JSON_DEPTH.
+MAX_TREE_DEPTH = 64
 _FLOAT_SPECIALS = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
 
@@ -148,6 +151,9 @@ class Encoder:
             return node
         if type(value) is np.ndarray:
             return {"ndarray": self._add_numpy(value, path)}
+        if type(value) in (dict, OrderedDict, list, tuple) and len(path) >= MAX_TREE_DEPTH:
+            raise TreeError(f"the tree is nested more than {MAX_TREE_DEPTH} containers deep "
+                            f"at {show_path(path[:3])}...; flatten it (e.g. dotted keys)")
         if type(value) in (dict, OrderedDict):
             items = []
             for key, item in value.items():

@@ -6,8 +6,6 @@ import io
 import os
 import pickle
 import re
-import struct
-import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -15,14 +13,11 @@ from typing import Any
 import torch
 
 from vgs_ckpt import _header
-from vgs_ckpt.errors import FormatError, UnsafeCheckpointError
+from vgs_ckpt.errors import FormatError, UnsafeCheckpointError, VgsCkptError
 from vgs_ckpt.models import CheckpointFormat
 
 __all__ = ["LegacyCheckpoint", "read_legacy"]
 
-# What torch.load raises on damaged bytes (the pickle machine fails in many ways).
-_CORRUPT = (RuntimeError, EOFError, ValueError, OSError, KeyError, IndexError, TypeError,
-            AttributeError, struct.error, zipfile.BadZipFile, UnicodeDecodeError)
 _GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 
 
@@ -59,7 +54,11 @@ def _torch_load(data: str | bytes | bytearray | memoryview, container: str,
                 "container, number, string or tensor; nothing in it was run. If you trust "
                 "the file, convert it yourself with torch.load(weights_only=False)") from None
         raise FormatError(f"{where}: corrupt torch pickle: {exc}") from None
-    except _CORRUPT as exc:
+    except VgsCkptError:
+        raise
+    except Exception as exc:  # torch's reader fails on damaged bytes in many ways
+        # (RuntimeError, EOFError, KeyError, struct.error, BadZipFile, RecursionError,
+        # AssertionError, MemoryError, ...): all of them mean a corrupt file.
         raise FormatError(f"{where}: unreadable torch checkpoint ({type(exc).__name__}: "
                           f"{str(exc).splitlines()[0] if str(exc) else ''}); the file is "
                           "corrupt or truncated") from None

@@ -1,0 +1,79 @@
+"""No malformed input escapes the error tree (tests/fuzz.py), and the cases the
+fuzzer found before the fix stay fixed."""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import vgs_ckpt
+from vgs_ckpt import FormatError, TreeError
+from vgs_ckpt._container import MAX_JSON_DEPTH
+from vgs_ckpt._tree import MAX_TREE_DEPTH
+
+from . import fuzz
+from .conftest import make_member
+
+REGRESSIONS = Path(__file__).parent / "regressions"
+_LEN = struct.Struct("<Q")
+
+
+def test_fuzzer_finds_no_escapes() -> None:
+    report = fuzz.fuzz(seed=0, seconds=20)
+    assert report.cases >= 200
+    assert report.outcomes["error"] > 0 and report.outcomes["ok"] > 0
+    assert not report.escapes, report.escapes[:3]
+    assert report.slowest < 2.0
+
+
+def _with_metadata_header(text: str) -> bytes:
+    data = vgs_ckpt.save_bytes(make_member(), step=1)
+    (length,) = _LEN.unpack_from(data)
+    header = json.loads(data[8:8 + length])
+    header["__metadata__"]["vgs_ckpt.header"] = text
+    raw = json.dumps(header).encode()
+    return _LEN.pack(len(raw)) + raw + data[8 + length:]
+
+
+@pytest.mark.parametrize("depth", [MAX_JSON_DEPTH + 1, 5000, 100_000])
+def test_deeply_nested_metadata_json_is_a_format_error(depth: int) -> None:
+    data = _with_metadata_header("[" * depth + "]" * depth)
+    with pytest.raises(FormatError, match="nested"):
+        vgs_ckpt.load_bytes(data)
+
+
+def test_deeply_nested_safetensors_header_is_a_format_error() -> None:
+    raw = ('{"__metadata__": {}, "x": ' + "[" * 5000 + "]" * 5000 + "}").encode()
+    with pytest.raises(FormatError, match="nested"):
+        vgs_ckpt.load_bytes(_LEN.pack(len(raw)) + raw)
+
+
+def test_the_deepest_tree_save_accepts_loads() -> None:
+    tree: object = torch.zeros(1)
+    for _ in range(MAX_TREE_DEPTH - 1):
+        tree = {"a": tree}
+    loaded = vgs_ckpt.load_bytes(vgs_ckpt.save_bytes({"root": tree}, step=0))
+    node = loaded.parameters["root"]
+    for _ in range(MAX_TREE_DEPTH - 1):
+        node = node["a"]
+    assert torch.equal(node, torch.zeros(1))
+    with pytest.raises(TreeError, match="nested more than"):
+        vgs_ckpt.save_bytes({"root": {"a": tree}}, step=0)
+
+
+def test_torch_assertion_on_a_corrupt_nonzip_legacy_file_is_a_format_error() -> None:
+    data = (REGRESSIONS / "legacy_nonzip_storage_key.bin").read_bytes()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(AssertionError):  # what torch itself raises on these bytes
+            torch.load(io.BytesIO(data), weights_only=True)
+        with pytest.raises(FormatError, match="corrupt or truncated"):
+            vgs_ckpt.load_bytes(data)
+        with pytest.raises(FormatError):
+            vgs_ckpt.detect_format(data)
