@@ -1,21 +1,59 @@
-"""Atomic file replacement: temp file in the same directory, fsync, rename, fsync dir."""
+"""Atomic file replacement: temp file in the same directory, fsync, rename, fsync dir.
+
+A temp file is named ``.<target name>.<writer pid>.<random>.tmp`` and its writer holds
+an exclusive ``flock`` on it until the rename. :func:`sweep_temp_files` removes the
+temp files of writers that died (SIGKILL, power loss) and never touches a live one.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
 from vgs_ckpt.errors import CheckpointIOError
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX
+    fcntl = None  # type: ignore[assignment]
+
+
+_UMASK_LOCK = threading.Lock()
+_UMASK_LINE = re.compile(rb"^Umask:\s*([0-7]+)$", re.MULTILINE)
+_TEMP = re.compile(r"^\.(?P<target>.+?)\.(?:(?P<pid>\d+)\.)?[A-Za-z0-9_]+\.tmp$")
+_LINK = re.compile(r"^\.(?P<target>.+?)\.(?:(?P<pid>\d+)\.)?link$")
+# A temp file whose lock is free but whose writer pid is alive may be a writer between
+# creating the file and locking it (microseconds); it is only swept after this long.
+MIN_TEMP_AGE = 60.0
+# A temp file without a pid in its name (vgs_ckpt < 0.3) is swept after this long.
+UNNAMED_TEMP_AGE = 3600.0
+
 
 def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
+    """The process umask, read without changing it (``/proc/self/status``); where that
+    is unavailable, set-and-restore under a lock."""
+    try:
+        with open("/proc/self/status", "rb") as status:
+            found = _UMASK_LINE.search(status.read())
+        if found:
+            return int(found.group(1), 8)
+    except OSError:
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o077)  # restrictive meanwhile, should another thread create a file
+        os.umask(mask)
     return mask
+
+
+def temp_prefix(target: Path) -> str:
+    return f".{target.name}.{os.getpid()}."
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None],
@@ -32,13 +70,14 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None
     directory = target.parent
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(target), suffix=".tmp", dir=directory)
     except OSError as exc:
         raise CheckpointIOError(exc.errno, f"cannot create a temporary file in {directory} to "
                                 f"write {target}: {exc.strerror}; check that {directory} is a "
                                 "writable directory", str(directory)) from exc
     try:
         with os.fdopen(fd, "wb") as handle:
+            _lock(handle.fileno(), blocking=True)  # released when the file is closed
             os.fchmod(handle.fileno(), 0o666 & ~_umask())
             write(handle)
             handle.flush()
@@ -67,3 +106,82 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def _lock(fd: int, *, blocking: bool) -> bool:
+    """An exclusive flock on ``fd``; False if another holder has it (non-blocking)."""
+    if fcntl is None:  # no flock on this platform: sweeping relies on pid and age
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+    except BlockingIOError:
+        return False
+    except OSError:  # a filesystem without flock support
+        return True
+    return True
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def sweep_temp_files(directory: str | os.PathLike[str], *, dry_run: bool = False,
+                     min_age: float = MIN_TEMP_AGE) -> list[Path]:
+    """Remove the temp files that dead writers left in ``directory`` (not recursive).
+
+    A ``.*.tmp`` file is removed only when no process holds its lock and either its
+    writer's pid is gone or it is older than ``min_age`` seconds (pid reuse); a
+    ``.*.link`` file of an interrupted exploit checkout when its pid is gone or it is
+    older than ``min_age``. Files without a pid in their name (older versions) are
+    removed when unlocked and older than an hour.
+
+    Returns:
+        The removed files (or, with ``dry_run``, those that would be removed).
+    """
+    removed: list[Path] = []
+    try:
+        names = os.listdir(directory)
+    except (FileNotFoundError, NotADirectoryError):
+        return removed
+    now = time.time()
+    for name in names:
+        temp, link = _TEMP.match(name), _LINK.match(name)
+        found = temp or link
+        if found is None:
+            continue
+        path = Path(directory) / name
+        pid = int(found["pid"]) if found["pid"] else None
+        try:
+            age = now - path.lstat().st_mtime
+        except FileNotFoundError:
+            continue
+        stale = (age >= UNNAMED_TEMP_AGE if pid is None
+                 else not _pid_alive(pid) or age >= min_age)
+        if not stale:
+            continue
+        if link is not None:  # a hard link: nobody writes to it
+            if not dry_run:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+            continue
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:
+            continue
+        try:
+            if not _lock(fd, blocking=False):
+                continue  # a live writer holds it
+            if not dry_run:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+        finally:
+            os.close(fd)
+    return removed

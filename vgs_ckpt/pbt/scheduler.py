@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Literal
 
-from vgs_ckpt.errors import UsageError
+from vgs_ckpt import codec
+from vgs_ckpt.checkpoint import Checkpoint
+from vgs_ckpt.errors import UsageError, VgsCkptError
 from vgs_ckpt.models import CheckpointFormat, ExploitSource, Lineage
 from vgs_ckpt.pbt.store import CheckpointRef, CheckpointStore, check_member_id
 from vgs_ckpt.pbt.transfer import OptimizerStrategy, exploit
@@ -20,6 +25,7 @@ __all__ = ["HyperparamSpec", "PBTConfig", "PBTScheduler", "PopulationMember",
            "truncation_count"]
 
 logger = logging.getLogger("vgs_ckpt")
+_PREVIOUS_RUNS = "_previous_runs"
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,18 @@ class HyperparamSpec:
         return round(value) if self.integer else value
 
 
+def _move_aside(root: Path) -> Path:
+    """Move everything in ``root`` but earlier moved-aside runs into
+    ``root/_previous_runs/<UTC time>/``."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+    target = root / _PREVIOUS_RUNS / stamp
+    target.mkdir(parents=True)
+    for entry in sorted(os.listdir(root)):
+        if entry != _PREVIOUS_RUNS:
+            os.replace(root / entry, target / entry)
+    return target
+
+
 def truncation_count(population: int, ratio: float) -> int:
     """How many members form the top and the bottom of truncation selection.
 
@@ -103,6 +121,11 @@ class PBTConfig:
     keep_last: int = 2
     keep_best: int = 1
     seed: int | None = None
+    # What to do when checkpoint_dir already holds checkpoints: "refuse" (a UsageError),
+    # "auto" (resume them; start fresh when there are none), "must" (resume; a
+    # UsageError when there is nothing to resume) or "fresh" (move them aside into
+    # checkpoint_dir/_previous_runs/<time>/ and start over; nothing is deleted).
+    resume: Literal["refuse", "auto", "must", "fresh"] = "refuse"
 
     def __post_init__(self) -> None:
         checks = [
@@ -118,6 +141,8 @@ class PBTConfig:
             (self.optimizer_strategy in ("copy", "reset"),
              "optimizer_strategy must be 'copy' or 'reset'"),
             (len(self.perturbation_factors) > 0, "perturbation_factors must not be empty"),
+            (self.resume in ("refuse", "auto", "must", "fresh"),
+             "resume must be 'refuse', 'auto', 'must' or 'fresh'"),
         ]
         for ok, message in checks:
             if not ok:
@@ -152,14 +177,65 @@ class PBTScheduler:
     def __init__(self, config: PBTConfig) -> None:
         self.config = config
         self.rng = random.Random(config.seed)
-        self.store = CheckpointStore(config.checkpoint_dir, keep_last=config.keep_last,
+        root = Path(config.checkpoint_dir)
+        existing = CheckpointStore(root, sweep=False).member_ids() if root.is_dir() else []
+        self.moved_to: Path | None = None
+        if existing and config.resume == "refuse":
+            raise UsageError(
+                f"{root} already holds checkpoints of {len(existing)} member(s) "
+                f"({', '.join(existing[:8])}{', ...' if len(existing) > 8 else ''}); pass "
+                "PBTConfig(resume='auto') to continue that population, resume='fresh' to "
+                "move them aside and start over, or choose another checkpoint_dir")
+        if not existing and config.resume == "must":
+            raise UsageError(f"resume='must' but {root} holds no checkpoints to resume")
+        if existing and config.resume == "fresh":
+            self.moved_to = _move_aside(root)
+            logger.warning("moved the previous run's checkpoints to %s", self.moved_to)
+        self.store = CheckpointStore(root, keep_last=config.keep_last,
                                      keep_best=config.keep_best, mode=config.metric_mode)
         self.members: dict[str, PopulationMember] = {}
+        self.resumed = bool(existing) and config.resume in ("auto", "must")
+        if self.resumed:
+            for member_id in existing:
+                self._resume_member(member_id)
+            logger.info("resumed %d member(s) from %s", len(self.members), root)
+
+    def _resume_member(self, member_id: str) -> None:
+        """Rebuild a member from its most recent readable checkpoint's header."""
+        for path in reversed(self.store._paths(member_id)):
+            try:
+                header = codec.read_header(path)
+            except VgsCkptError as exc:
+                logger.warning("resume: skipping unreadable %s (%s)", path, exc)
+                continue
+            hyperparams = dict(getattr(header, "hyperparams", None) or {})
+            lineage = getattr(header, "lineage", None)
+            history = [(ref.step, ref.performance) for ref in self.store.checkpoints(member_id)]
+            self.members[member_id] = PopulationMember(
+                member_id, hyperparams, performance=header.performance, step=header.step,
+                # The check at the saved step may or may not have run before the
+                # process died; the next one comes a full interval later.
+                last_ready_step=header.step,
+                exploited_from=lineage.exploited_from if lineage is not None else None,
+                history=history)
+            return
+        logger.warning("resume: member %s has no readable checkpoint; it starts afresh",
+                       member_id)
+
+    def load_member(self, member: PopulationMember | str, **load_kwargs: Any
+                    ) -> Checkpoint | None:
+        """The member's most recent checkpoint, loaded and upgraded (training continues
+        from its ``parameters``), or None when it has none."""
+        m = self._member(member)
+        if self.store.latest(m.member_id) is None:
+            return None
+        return self.store.load_latest(m.member_id, **load_kwargs)[0]
 
     def initialize_population(self, hyperparams: Sequence[Mapping[str, Any]] | None = None
                               ) -> list[PopulationMember]:
         """Create ``population_size`` members ("0", "1", ...) with sampled (or given)
-        hyperparameters."""
+        hyperparameters. After a resume, the resumed members are kept as they were
+        rebuilt, and only missing ids are created."""
         size = self.config.population_size
         if hyperparams is not None and len(hyperparams) != size:
             raise UsageError(f"got {len(hyperparams)} hyperparameter sets for a population "
@@ -167,7 +243,8 @@ class PBTScheduler:
         for i in range(size):
             hp = dict(hyperparams[i]) if hyperparams is not None else {
                 spec.name: spec.sample(self.rng) for spec in self.config.hyperparams}
-            self.add_member(str(i), hp)
+            if str(i) not in self.members:
+                self.add_member(str(i), hp)
         return list(self.members.values())
 
     def add_member(self, member_id: str, hyperparams: Mapping[str, Any]) -> PopulationMember:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from vgs_ckpt import codec
-from vgs_ckpt._atomic import atomic_write
+from vgs_ckpt._atomic import atomic_write, sweep_temp_files
 from vgs_ckpt.checkpoint import Checkpoint
 from vgs_ckpt.errors import CheckpointNotFoundError, UsageError, VgsCkptError
 from vgs_ckpt.models import CheckpointFormat, Lineage
@@ -56,13 +56,22 @@ class CheckpointStore:
     save the member's files are pruned to the ``keep_last`` newest plus the
     ``keep_best`` best by performance (``mode`` "max" or "min").
 
+    "Newest" means most recently written (file modification time, then step), not
+    highest step: a run restarted from step 1 in the same directory is newer than a
+    dead run's step 208, so its checkpoints are never pruned because of the old ones,
+    and :meth:`latest` returns them as soon as it has saved.
+
+    Opening a store removes the temp files that killed writers left behind
+    (:func:`sweep`); a temp file a live writer still holds is never touched.
+
     Example:
         >>> store = CheckpointStore("ckpts", keep_last=2, keep_best=1)
         >>> store.save("3", model.get_parameters(), step=150, performance=0.9)
     """
 
     def __init__(self, root: str | os.PathLike[str], *, keep_last: int = 2, keep_best: int = 1,
-                 mode: Literal["max", "min"] = "max", durable: bool = True) -> None:
+                 mode: Literal["max", "min"] = "max", durable: bool = True,
+                 sweep: bool = True) -> None:
         if keep_last < 1 or keep_best < 0:
             raise UsageError(f"keep_last must be >= 1 and keep_best >= 0, got {keep_last} "
                              f"and {keep_best}")
@@ -72,6 +81,26 @@ class CheckpointStore:
         self.keep_last, self.keep_best, self.mode = keep_last, keep_best, mode
         self.durable = durable
         self.root.mkdir(parents=True, exist_ok=True)
+        self.swept: list[Path] = self.sweep() if sweep else []
+
+    def sweep(self, *, dry_run: bool = False) -> list[Path]:
+        """Remove temp files of dead writers under the root, the member directories and
+        their ``_exploits`` directories; returns what was (or would be) removed."""
+        removed = sweep_temp_files(self.root, dry_run=dry_run)
+        for entry in sorted(os.scandir(self.root), key=lambda e: e.name):
+            if entry.is_dir(follow_symlinks=False):
+                removed += sweep_temp_files(entry.path, dry_run=dry_run)
+                removed += sweep_temp_files(Path(entry.path) / _EXPLOITS, dry_run=dry_run)
+        return removed
+
+    def member_ids(self) -> list[str]:
+        """The ids of the members that have at least one checkpoint, sorted."""
+        ids = []
+        for entry in os.scandir(self.root):
+            if entry.is_dir(follow_symlinks=False) and _MEMBER_ID.match(entry.name) \
+                    and ".." not in entry.name and self._paths(entry.name):
+                ids.append(entry.name)
+        return sorted(ids)
 
     def member_dir(self, member_id: str) -> Path:
         return self.root / check_member_id(member_id)
@@ -98,20 +127,29 @@ class CheckpointStore:
         return CheckpointRef(member_id, header.step, path, header.performance)
 
     def checkpoints(self, member_id: str) -> list[CheckpointRef]:
-        """The member's checkpoints, oldest first (headers are read, not tensors)."""
+        """The member's checkpoints, in the order they were written, oldest first
+        (headers are read, not tensors)."""
         refs = (self._ref(member_id, path) for path in self._paths(member_id))
         return [ref for ref in refs if ref is not None]
 
     def _paths(self, member_id: str) -> list[Path]:
+        """The member's files in write order (modification time, then step)."""
         directory = self.member_dir(member_id)
         try:
-            names = os.listdir(directory)
+            entries = list(os.scandir(directory))
         except FileNotFoundError:
             return []
-        return sorted(directory / n for n in names if _FILE.match(n))
+        found = []
+        for entry in entries:
+            if _FILE.match(entry.name):
+                try:
+                    found.append((entry.stat().st_mtime_ns, entry.name, directory / entry.name))
+                except FileNotFoundError:
+                    continue  # pruned meanwhile
+        return [path for _, _, path in sorted(found)]
 
     def latest(self, member_id: str) -> CheckpointRef | None:
-        """The member's newest checkpoint (highest step), or None."""
+        """The member's most recently written checkpoint, or None."""
         for path in reversed(self._paths(member_id)):
             ref = self._ref(member_id, path)
             if ref is not None:
@@ -182,7 +220,7 @@ class CheckpointStore:
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
-    tmp = target.with_name(f".{target.name}.link")
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.link")
     tmp.unlink(missing_ok=True)
     try:
         os.link(source, tmp)
