@@ -1,4 +1,4 @@
-"""The ``vgs-ckpt`` command line: demo, inspect, verify, upgrade, schema."""
+"""The ``vgs-ckpt`` command line: demo, inspect, verify, upgrade, sweep, schema."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from vgs_ckpt import codec
+from vgs_ckpt._atomic import MIN_TEMP_AGE, sweep_temp_files
 from vgs_ckpt._dtypes import BY_CODE
 from vgs_ckpt.convert import upgrade_files
 from vgs_ckpt.detect import detect_format
@@ -146,6 +147,22 @@ def _demo(args: argparse.Namespace) -> int:
                      plot_path=args.plot)
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    root = Path(args.dir)
+    if not root.is_dir():
+        print(f"vgs-ckpt sweep: {root} is not a directory", file=sys.stderr)
+        return 2
+    removed: list[Path] = []
+    for directory in [root, *sorted(p for p in root.rglob("*") if p.is_dir())]:
+        removed += sweep_temp_files(directory, dry_run=args.dry_run,
+                                    min_age=args.min_age)
+    verb = "would remove" if args.dry_run else "removed"
+    for path in removed:
+        print(f"{verb} {path}")
+    print(f"{verb} {len(removed)} temp file(s) of dead writers under {root}")
+    return 0
+
+
 def _schema(args: argparse.Namespace) -> int:
     if args.check:
         drift = schema_drift(args.out)
@@ -180,6 +197,14 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="load a file and check every tensor's digest")
     p.add_argument("path")
     p.set_defaults(run=_verify)
+    p = sub.add_parser("sweep", help="remove temp files that killed writers left in a "
+                       "checkpoint directory (recursive); live writers' files are kept")
+    p.add_argument("dir")
+    p.add_argument("--dry-run", action="store_true", help="only list what would be removed")
+    p.add_argument("--min-age", type=float, default=MIN_TEMP_AGE, metavar="SECONDS",
+                   help="an unlocked temp file whose writer pid still exists is removed "
+                   f"only after this long (default {MIN_TEMP_AGE:.0f})")
+    p.set_defaults(run=_sweep)
     p = sub.add_parser("upgrade", help="convert legacy and older checkpoints to the latest "
                        "format")
     p.add_argument("paths", nargs="+", metavar="PATH", help="files or directories (recursive)")
