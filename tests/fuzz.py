@@ -168,7 +168,7 @@ def _metadata_edit(data: bytes, rng: random.Random) -> bytes:
     key = rng.choice(list(meta))
     try:
         inner = json.loads(meta[key])
-    except (ValueError, RecursionError):
+    except (ValueError, RecursionError, TypeError):
         inner = meta[key]
     mutated = _mutate_value(inner, rng)
     meta = {**meta, key: _dumps(mutated) if rng.random() < 0.9 else str(mutated)}
