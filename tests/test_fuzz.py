@@ -77,3 +77,16 @@ def test_torch_assertion_on_a_corrupt_nonzip_legacy_file_is_a_format_error() -> 
             vgs_ckpt.load_bytes(data)
         with pytest.raises(FormatError):
             vgs_ckpt.detect_format(data)
+
+
+def test_size_one_views_with_any_stride_round_trip(tmp_path: Path) -> None:
+    # Found by the fuzzer (seed 7): a legacy file whose 1-element tensor had stride 17.
+    strided = torch.arange(40.0)[::17][:1]
+    assert strided.stride() == (17,)
+    loaded = vgs_ckpt.load_bytes(vgs_ckpt.save_bytes({"t": strided}, step=0))
+    assert torch.equal(loaded.parameters["t"], strided)
+    path = tmp_path / "legacy.pt"
+    torch.save({"w": strided}, path, _use_new_zipfile_serialization=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert torch.equal(vgs_ckpt.load(path).parameters["policy"]["w"], strided)

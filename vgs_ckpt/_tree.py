@@ -83,6 +83,8 @@ def _torch_bytes(value: torch.Tensor, path: tuple[str | int, ...]) -> tuple[DTyp
             "convert it (e.g. `t.to(torch.float32)`)"
         )
     flat = value.detach().resolve_conj().resolve_neg().to("cpu").contiguous().reshape(-1)
+    if flat.numel() and flat.stride(0) != 1:  # a size-1 view keeps any stride
+        flat = flat.clone(memory_format=torch.contiguous_format)
     raw = flat.view(torch.uint8) if flat.numel() else torch.empty(0, dtype=torch.uint8)
     return entry, raw.numpy().data.cast("B")
 
