@@ -5,7 +5,7 @@ layout. Mutations: bit flips, byte overwrites, truncations, insertions, header-l
 edits, JSON edits inside the safetensors header and inside the ``__metadata__``
 header (deep nesting, wrong types, huge numbers, removed keys). Each case goes
 through ``load_bytes``, ``detect_format`` and, written to a file, ``load``,
-``read_header`` and the CLI's ``verify``. The only acceptable outcomes are success
+``read_header`` and the CLI's ``verify`` and ``inspect``. The only acceptable outcomes are success
 or a ``VgsCkptError``; anything else is an escape.
 
     python -m tests.fuzz --minutes 10          # a longer campaign
@@ -211,6 +211,18 @@ def _call(report: Report, case: str, entry: str, fn: Callable[[], object]) -> No
     report.outcomes["ok"] += 1
 
 
+def _cli(command: str, path: Path) -> None:
+    """``vgs-ckpt COMMAND PATH`` must end with exit status 0 or 1, never a traceback."""
+    out, err = io.StringIO(), io.StringIO()
+    sys.stdout, sys.stderr = out, err
+    try:
+        code = cli.main([command, str(path)])
+    finally:
+        sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+    if code not in (0, 1) or "Traceback" in err.getvalue():
+        raise AssertionError(f"vgs-ckpt {command} exited {code}: {err.getvalue()}")
+
+
 def run_case(data: bytes, case: str, directory: Path, report: Report) -> None:
     start = time.perf_counter()
     path = directory / "case.bin"
@@ -223,16 +235,8 @@ def run_case(data: bytes, case: str, directory: Path, report: Report) -> None:
         _call(report, case, "read_header", lambda: vgs_ckpt.read_header(path))
         _call(report, case, "load(upgrade=False)", lambda: vgs_ckpt.load(path, upgrade=False))
 
-        def verify() -> None:
-            out, err = io.StringIO(), io.StringIO()
-            sys.stdout, sys.stderr = out, err
-            try:
-                code = cli.main(["verify", str(path)])
-            finally:
-                sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
-            if code not in (0, 1) or "Traceback" in err.getvalue():
-                raise AssertionError(f"vgs-ckpt verify exited {code}: {err.getvalue()}")
-        _call(report, case, "cli verify", verify)
+        for command in ("verify", "inspect"):
+            _call(report, case, f"cli {command}", lambda command=command: _cli(command, path))
     report.cases += 1
     report.slowest = max(report.slowest, time.perf_counter() - start)
 
