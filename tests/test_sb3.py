@@ -425,3 +425,33 @@ def test_the_example_runs_asynchronously(tmp_path) -> None:
     summary = next(line for line in out.splitlines() if " exploits in " in line)
     exploits, matched = summary.split(" exploits in ")[0], summary.split("after ")[1].split()[0]
     assert int(exploits) > 0 and matched == exploits
+
+
+def test_a_resumed_population_continues_where_it_stopped(tmp_path) -> None:
+    def population(resume: str):
+        scheduler = PBTScheduler(PBTConfig(str(tmp_path / "population"), population_size=2,
+                                           perturbation_interval=64, seed=0, resume=resume,
+                                           hyperparams=[HyperparamSpec("learning_rate", 1e-4,
+                                                                       1e-3)]))
+        models = {}
+        for member in scheduler.initialize_population():
+            models[member.member_id] = model = ppo(int(member.member_id))
+            sb3.attach_vgs(model)
+            sb3.set_hyperparams(model, member.hyperparams)
+        return scheduler, models
+
+    scheduler, models = population("auto")
+    sb3.train_population(scheduler, models, total_timesteps=128, interval=64)
+    before = {m: snapshot(model) for m, model in models.items()}
+    steps = {m: model.num_timesteps for m, model in models.items()}
+    with pytest.raises(UsageError, match="already holds checkpoints"):
+        population("refuse")
+    scheduler, fresh = population("auto")  # the process was restarted
+    assert scheduler.resumed
+    for member_id, model in fresh.items():
+        assert sb3.restore_member(scheduler, member_id, model)
+        assert model.num_timesteps == steps[member_id]
+        tensors_equal(sb3.get_state(model)["vgs_state"], before[member_id]["vgs_state"])
+        tensors_equal(sb3.get_state(model)["policy"], before[member_id]["policy"])
+    sb3.train_population(scheduler, fresh, total_timesteps=192, interval=64)
+    assert all(model.num_timesteps >= 192 for model in fresh.values())

@@ -72,8 +72,8 @@ except ImportError as _exc:  # the core package works without SB3
         BaseAlgorithm = BaseCallback = object
 
 __all__ = ["INSTALL", "VARIABLES_KEY", "ExploitEvent", "PBTCallback", "attach_vgs",
-           "detach_vgs", "get_state", "set_hyperparams", "set_state", "train_population",
-           "vgs_scaler"]
+           "detach_vgs", "get_state", "restore_member", "set_hyperparams", "set_state",
+           "train_population", "vgs_scaler"]
 
 logger = logging.getLogger("vgs_ckpt")
 INSTALL = "pip install 'vgs-ckpt[sb3]'"
@@ -586,6 +586,27 @@ class PBTCallback(BaseCallback):
         if self.on_exploit is not None:
             self.on_exploit(event)
         return event
+
+
+def restore_member(scheduler: PBTScheduler, member: PopulationMember | str, model: Any) -> bool:
+    """Continue a resumed member (``PBTConfig(resume="auto")``) in ``model``.
+
+    Loads the member's latest checkpoint with :func:`set_state` (attach the VGS
+    first, as when the member was created), applies the member's hyperparameters
+    and sets ``model.num_timesteps`` to the checkpoint's step, so
+    :func:`train_population` continues the member's budget where it stopped.
+
+    Returns:
+        False when the member has no checkpoint (the model is left as it is).
+    """
+    algo = _check_model(model)
+    m = scheduler._member(member)
+    checkpoint = scheduler.load_member(m)
+    if checkpoint is None:
+        return False
+    set_state(algo, checkpoint.parameters, hyperparams=m.hyperparams)
+    algo.num_timesteps = checkpoint.header.step
+    return True
 
 
 def train_population(scheduler: PBTScheduler, models: Mapping[str, Any], *,
