@@ -314,6 +314,46 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out) + "\n"
 
 
+WARMUP = 100  # the reference VGS's default warmup_steps, used by every member here
+
+
+def exploit_analysis(runs: list[dict[str, Any]]) -> str:
+    """Post-exploit dip by the recipient's VGS situation at the exploit, pooled over
+    seeds (a bootstrap over exploits, so the interval ignores seed clustering)."""
+    out = ["\n**Post-exploit dip by VGS step-count situation** (recipient's mean return "
+           "over the next interval minus the donor's recorded performance; exploits pooled "
+           "over seeds and schedules)\n",
+           "| task | arm | recipient in warm-up, donor past it | other step-count "
+           "differences | counts equal |",
+           "| --- | --- | --- | --- | --- |"]
+    for task in sorted({r["task"] for r in runs}):
+        for arm in ARMS:
+            groups: dict[str, list[float]] = {"warmup": [], "differ": [], "equal": []}
+            for run in runs:
+                if (run["task"], run["arm"]) != (task, arm):
+                    continue
+                for e in run["exploits"]:
+                    before, donor = e["vgs_step_before"], e["donor_vgs_step"]
+                    if e["return_after"] is None or e["donor_performance"] is None:
+                        continue
+                    if before is None or donor is None:
+                        continue  # no VGS (no_vgs), or a v1 file without VGS state
+                        # (policy_only): the donor's count is not in the checkpoint
+                    dip = e["return_after"] - e["donor_performance"]
+                    if before < WARMUP <= donor:
+                        groups["warmup"].append(dip)
+                    elif before != donor:
+                        groups["differ"].append(dip)
+                    else:
+                        groups["equal"].append(dip)
+            if not any(groups.values()):
+                continue
+            cells = [f"{_fmt(bootstrap_ci(v))} (n={len(v)})" if v else "n/a"
+                     for v in groups.values()]
+            out.append(f"| {task} | {arm} | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
 def plot(runs: list[dict[str, Any]], tasks: Mapping[str, Task], path: str) -> None:
     """Best-member return against population steps, mean over seeds, per arm."""
     try:
@@ -380,6 +420,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", default="pbt_efficiency.json", help="JSON of every run")
     parser.add_argument("--plot", help="PNG of the best-member curves (needs matplotlib)")
     parser.add_argument("--markdown", help="write the summary tables to this file")
+    parser.add_argument("--from-json", metavar="FILE",
+                        help="summarise (and plot) the runs of an earlier --out file "
+                        "instead of running")
     args = parser.parse_args(argv)
 
     catalogue = QUICK_TASKS if args.quick else FULL_TASKS
@@ -399,6 +442,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     seeds = args.seeds if args.seeds is not None else (2 if args.quick else 5)
     if seeds < 1 or args.jobs < 1:
         parser.error("--seeds and --jobs must be >= 1")
+
+    if args.from_json:
+        earlier = json.loads(Path(args.from_json).read_text())
+        tasks = {k: Task(**{**v, "lr_range": tuple(v["lr_range"]), "arms": tuple(v["arms"])})
+                 for k, v in earlier["tasks"].items()}
+        runs = earlier["runs"]
+        table = markdown(summarise(runs, tasks)) + exploit_analysis(runs)
+        print(table)
+        if args.markdown:
+            Path(args.markdown).write_text(table)
+        if args.plot:
+            plot(runs, tasks, args.plot)
+        return 0
 
     specs = [RunSpec(task, schedule, arm, seed)
              for task in tasks.values() for schedule in schedules
@@ -422,7 +478,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     seconds = time.perf_counter() - start
     runs.sort(key=lambda r: (r["task"], r["schedule"], ARMS.index(r["arm"]), r["seed"]))
     rows = summarise(runs, tasks)
-    table = markdown(rows)
+    table = markdown(rows) + exploit_analysis(runs)
     print(table)
     command = "python benchmarks/pbt_efficiency.py " + " ".join(
         sys.argv[1:] if argv is None else argv)
