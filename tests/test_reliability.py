@@ -240,6 +240,13 @@ def test_fresh_moves_the_old_run_aside_and_deletes_nothing(tmp_path: Path) -> No
     assert again.store.member_ids() == []
 
 
+def test_never_is_fresh(tmp_path: Path) -> None:
+    _run_some(tmp_path)
+    scheduler = _population(tmp_path, resume="never")
+    assert not scheduler.resumed and scheduler.moved_to is not None
+    assert scheduler.store.member_ids() == []
+
+
 def test_resume_must_be_a_known_mode(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="resume must be"):
         PBTConfig(str(tmp_path), resume="maybe")

@@ -125,7 +125,8 @@ class PBTConfig:
     # "auto" (resume them; start fresh when there are none), "must" (resume; a
     # UsageError when there is nothing to resume) or "fresh" (move them aside into
     # checkpoint_dir/_previous_runs/<time>/ and start over; nothing is deleted).
-    resume: Literal["refuse", "auto", "must", "fresh"] = "refuse"
+    # "never" is the same as "fresh".
+    resume: Literal["refuse", "auto", "must", "fresh", "never"] = "refuse"
 
     def __post_init__(self) -> None:
         checks = [
@@ -141,8 +142,8 @@ class PBTConfig:
             (self.optimizer_strategy in ("copy", "reset"),
              "optimizer_strategy must be 'copy' or 'reset'"),
             (len(self.perturbation_factors) > 0, "perturbation_factors must not be empty"),
-            (self.resume in ("refuse", "auto", "must", "fresh"),
-             "resume must be 'refuse', 'auto', 'must' or 'fresh'"),
+            (self.resume in ("refuse", "auto", "must", "fresh", "never"),
+             "resume must be 'refuse', 'auto', 'must', 'fresh' or 'never'"),
         ]
         for ok, message in checks:
             if not ok:
@@ -188,7 +189,7 @@ class PBTScheduler:
                 "move them aside and start over, or choose another checkpoint_dir")
         if not existing and config.resume == "must":
             raise UsageError(f"resume='must' but {root} holds no checkpoints to resume")
-        if existing and config.resume == "fresh":
+        if existing and config.resume in ("fresh", "never"):
             self.moved_to = _move_aside(root)
             logger.warning("moved the previous run's checkpoints to %s", self.moved_to)
         self.store = CheckpointStore(root, keep_last=config.keep_last,
