@@ -18,6 +18,7 @@ from vgs_ckpt.testing import assert_trees_equal
 
 sb3_lib = pytest.importorskip("stable_baselines3")
 from stable_baselines3 import A2C, DDPG, DQN, PPO, SAC, TD3  # noqa: E402
+from stable_baselines3.common.save_util import recursive_getattr  # noqa: E402
 
 from vgs_ckpt.integrations import sb3  # noqa: E402
 
@@ -153,7 +154,7 @@ def test_sac_one_scaler_covers_actor_critic_and_temperature() -> None:
     scaler = sb3.attach_vgs(model)
     covered = {id(p) for p in scaler.params}
     for name in ("actor.optimizer", "critic.optimizer", "ent_coef_optimizer"):
-        optimizer = sb3._resolve(model, name)
+        optimizer = recursive_getattr(model, name)
         assert all(id(p) in covered for g in optimizer.param_groups for p in g["params"])
 
 

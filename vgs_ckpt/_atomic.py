@@ -165,23 +165,35 @@ def sweep_temp_files(directory: str | os.PathLike[str], *, dry_run: bool = False
             continue
         stale = (age >= UNNAMED_TEMP_AGE if pid is None
                  else not _pid_alive(pid) or age >= min_age)
-        if not stale:
-            continue
-        if link is not None:  # a hard link: nobody writes to it
-            if not dry_run:
+        # A link is a hard link nobody writes to; a temp file may have a live writer.
+        if stale and (link is not None or _unlocked_unlink(path, dry_run)):
+            if link is not None and not dry_run:
                 path.unlink(missing_ok=True)
             removed.append(path)
-            continue
-        try:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-        except OSError:
-            continue
-        try:
-            if not _lock(fd, blocking=False):
-                continue  # a live writer holds it
-            if not dry_run:
-                path.unlink(missing_ok=True)
-            removed.append(path)
-        finally:
-            os.close(fd)
     return removed
+
+
+def _unlocked_unlink(path: Path, dry_run: bool) -> bool:
+    """Remove ``path`` if no process holds its lock (the check and the removal happen
+    under our own lock); True if it was (or, with ``dry_run``, would be) removed."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return False
+    try:
+        if not _lock(fd, blocking=False):
+            return False  # a live writer holds it
+        if not dry_run:
+            path.unlink(missing_ok=True)
+        return True
+    finally:
+        os.close(fd)
+
+
+def sweep_tree(root: str | os.PathLike[str], *, dry_run: bool = False,
+               min_age: float = MIN_TEMP_AGE) -> list[Path]:
+    """:func:`sweep_temp_files` in ``root`` and every directory below it."""
+    top = Path(root)
+    directories = [top, *sorted(p for p in top.rglob("*") if p.is_dir() and not p.is_symlink())]
+    return [path for directory in directories
+            for path in sweep_temp_files(directory, dry_run=dry_run, min_age=min_age)]

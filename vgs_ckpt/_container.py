@@ -182,14 +182,7 @@ def read_container(source: Source) -> Container:
     if 8 + length > size:
         raise FormatError(f"{where}: header length {length} runs past the end of the file "
                           f"({size} bytes); the file is truncated or not a safetensors file")
-    raw = source.read(8, length)
-    try:
-        header = loads_json(raw.decode("utf-8"), where, "safetensors header")
-    except FormatError:
-        raise
-    except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as exc:
-        raise FormatError(f"{where}: malformed safetensors header JSON ({exc}); "
-                          "the file is corrupt") from None
+    header = loads_json(source.read(8, length), where, "safetensors header")
     if type(header) is not dict:
         raise FormatError(f"{where}: safetensors header is not a JSON object")
     metadata = header.pop("__metadata__", {})
@@ -227,17 +220,21 @@ def json_depth(value: Any) -> int:
     return depth
 
 
-def loads_json(text: str, where: str, what: str) -> Any:
-    """``json.loads`` for untrusted text: standard constants only, nesting bounded.
+def loads_json(text: str | bytes, where: str, what: str) -> Any:
+    """``json.loads`` for untrusted UTF-8 text: standard constants only, nesting bounded.
 
     Raises:
-        FormatError: nested deeper than :data:`MAX_JSON_DEPTH`.
-        ValueError: malformed JSON (callers turn it into their own FormatError).
+        FormatError: malformed JSON (``what`` names it), or nested deeper than
+            :data:`MAX_JSON_DEPTH`.
     """
     try:
-        value = json.loads(text, parse_constant=_no_constant)
+        value = json.loads(text.decode("utf-8") if isinstance(text, bytes) else text,
+                           parse_constant=_no_constant)
     except RecursionError:  # the C parser's own stack guard
         value, depth = None, None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, a bad constant
+        raise FormatError(f"{where}: malformed {what} JSON ({exc}); the file is corrupt"
+                          ) from None
     else:
         depth = json_depth(value)
     if depth is None or depth > MAX_JSON_DEPTH:

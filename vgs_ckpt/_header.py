@@ -189,13 +189,7 @@ def parse(container: Container, where: str) -> CheckpointV1 | CheckpointV2:
     fmt = check_format_version(meta[META_FORMAT_VERSION], where)
     if META_HEADER not in meta:
         raise FormatError(f"{where}: __metadata__ has no {META_HEADER!r}; the file is corrupt")
-    try:
-        raw = loads_json(meta[META_HEADER], where, "vgs_ckpt header")
-    except FormatError:
-        raise
-    except ValueError as exc:
-        raise FormatError(f"{where}: malformed vgs_ckpt header JSON ({exc}); "
-                          "the file is corrupt") from None
+    raw = loads_json(meta[META_HEADER], where, "vgs_ckpt header")
     if type(raw) is dict and raw.get("format_version") != fmt.value:
         check_format_version(raw.get("format_version"), where)
         raise FormatError(f"{where}: header says format {raw.get('format_version')!r} but "

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from vgs_ckpt import codec
-from vgs_ckpt._atomic import MIN_TEMP_AGE, sweep_temp_files
+from vgs_ckpt._atomic import MIN_TEMP_AGE, sweep_tree
 from vgs_ckpt._dtypes import BY_CODE
 from vgs_ckpt.convert import upgrade_files
 from vgs_ckpt.detect import detect_format
@@ -152,10 +152,7 @@ def _sweep(args: argparse.Namespace) -> int:
     if not root.is_dir():
         print(f"vgs-ckpt sweep: {root} is not a directory", file=sys.stderr)
         return 2
-    removed: list[Path] = []
-    for directory in [root, *sorted(p for p in root.rglob("*") if p.is_dir())]:
-        removed += sweep_temp_files(directory, dry_run=args.dry_run,
-                                    min_age=args.min_age)
+    removed = sweep_tree(root, dry_run=args.dry_run, min_age=args.min_age)
     verb = "would remove" if args.dry_run else "removed"
     for path in removed:
         print(f"{verb} {path}")

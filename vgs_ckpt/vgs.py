@@ -88,11 +88,8 @@ class VarianceGradientScaler:
         self._pending: tuple[int, float, float, float] = (0, 0.0, 0.0, 0.0)
 
     def _scalars(self) -> dict[str, Any]:
-        return {"vgs_version": LATEST_VGS, "enabled": self.enabled, "beta": self.beta,
-                "alpha": self.alpha, "eps": self.eps, "warmup_steps": self.warmup_steps,
-                "step_count": getattr(self, "step_count", 0),
-                "min_scaling_factor": self.min_scaling_factor,
-                "variance_cap": self.variance_cap}
+        return {"vgs_version": LATEST_VGS, **self.config(),
+                "step_count": getattr(self, "step_count", 0)}
 
     @torch.no_grad()
     def update(self) -> None:
@@ -112,16 +109,17 @@ class VarianceGradientScaler:
             n = len(self.params)
             self.param_grad_mean_ema = torch.zeros(n, dtype=torch.float32)
             self.param_grad_sq_ema = torch.zeros(n, dtype=torch.float32)
+        if self.param_numel is None:
             self.param_numel = torch.tensor([float(p.numel()) for p in self.params],
                                             dtype=torch.float32)
         present = [i for i in indices if self.params[i].grad is not None]
         if not present:
             return
         grads = [self.params[i].grad.detach().float() for i in present]  # type: ignore[union-attr]
-        numel = torch.tensor([float(g.numel()) for g in grads], dtype=torch.float64)
         mean = torch.stack([g.mean() for g in grads])
         mean_sq = torch.stack([g.pow(2).mean() for g in grads])
         where = torch.tensor(present)
+        numel = self.param_numel[where].double()
         beta = self.beta
         self.param_grad_mean_ema[where] = beta * self.param_grad_mean_ema[where] + (1 - beta) * mean
         self.param_grad_sq_ema[where] = (beta * self.param_grad_sq_ema[where]

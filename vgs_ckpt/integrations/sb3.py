@@ -64,6 +64,7 @@ from vgs_ckpt.vgs import VGS_KNOBS, VarianceGradientScaler
 try:
     from stable_baselines3.common.base_class import BaseAlgorithm
     from stable_baselines3.common.callbacks import BaseCallback
+    from stable_baselines3.common.save_util import recursive_getattr
     from stable_baselines3.common.utils import get_schedule_fn
     _IMPORT_ERROR: ImportError | None = None
 except ImportError as _exc:  # the core package works without SB3
@@ -96,18 +97,11 @@ def _check_model(model: Any) -> BaseAlgorithm:
     return model
 
 
-def _resolve(model: BaseAlgorithm, name: str) -> Any:
-    node: Any = model
-    for part in name.split("."):
-        node = getattr(node, part)
-    return node
-
-
 def _optimizers(model: BaseAlgorithm) -> list[tuple[str, torch.optim.Optimizer]]:
     """The algorithm's optimizers, by SB3 name, in SB3's order, each once."""
     found: list[tuple[str, torch.optim.Optimizer]] = []
     for name in model._get_torch_save_params()[0]:
-        attr = _resolve(model, name)
+        attr = recursive_getattr(model, name)
         if isinstance(attr, torch.optim.Optimizer) and all(attr is not o for _, o in found):
             found.append((name, attr))
     return found
@@ -226,7 +220,7 @@ def get_state(model: Any) -> dict[str, Any]:
                          "those names are reserved by this integration")
     variables = algo._get_torch_save_params()[1]
     if variables:
-        tree[VARIABLES_KEY] = {name: _resolve(algo, name).detach() for name in variables}
+        tree[VARIABLES_KEY] = {name: recursive_getattr(algo, name).detach() for name in variables}
     scaler = vgs_scaler(algo)
     tree[VGS_KEY] = scaler.state_dict() if scaler is not None else None
     return tree
@@ -267,7 +261,7 @@ def set_state(model: Any, tree: Mapping[str, Any], *,
                          f"{', '.join(variable_names) or 'none'}); e.g. a SAC with a learned "
                          "ent_coef cannot restore into one with a fixed ent_coef")
     for name, value in variables.items():
-        target = _resolve(algo, name)
+        target = recursive_getattr(algo, name)
         if not isinstance(value, torch.Tensor) or value.shape != target.shape:
             raise UsageError(f"{VARIABLES_KEY}.{name}: expected a tensor of shape "
                              f"{tuple(target.shape)}, got {getattr(value, 'shape', value)!r}")
@@ -279,7 +273,7 @@ def set_state(model: Any, tree: Mapping[str, Any], *,
         # Load into a scratch scaler first: a bad state raises before anything changes.
         VarianceGradientScaler(scaler.params, **scaler.config()).load_state_dict(vgs)
     for name, part in parts.items():
-        target = _resolve(algo, name)
+        target = recursive_getattr(algo, name)
         if isinstance(target, torch.nn.Module):
             expected, given = set(target.state_dict()), set(part)
             if expected != given:
@@ -295,7 +289,7 @@ def set_state(model: Any, tree: Mapping[str, Any], *,
     algo.set_parameters(parts, exact_match=not missing, device=algo.device)
     with torch.no_grad():
         for name, value in variables.items():
-            _resolve(algo, name).copy_(value)
+            recursive_getattr(algo, name).copy_(value)
     if vgs is not _MISSING and scaler is not None:
         scaler.load_state_dict(vgs)
     for step in apply:

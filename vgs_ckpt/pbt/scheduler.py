@@ -16,8 +16,8 @@ from typing import Any, Literal
 
 from vgs_ckpt import codec
 from vgs_ckpt.checkpoint import Checkpoint
-from vgs_ckpt.errors import UsageError, VgsCkptError
-from vgs_ckpt.models import CheckpointFormat, ExploitSource, Lineage
+from vgs_ckpt.errors import CheckpointNotFoundError, UsageError, VgsCkptError
+from vgs_ckpt.models import CheckpointFormat, CheckpointV2, ExploitSource, Lineage
 from vgs_ckpt.pbt.store import CheckpointRef, CheckpointStore, check_member_id
 from vgs_ckpt.pbt.transfer import OptimizerStrategy, exploit
 
@@ -179,7 +179,9 @@ class PBTScheduler:
         self.config = config
         self.rng = random.Random(config.seed)
         root = Path(config.checkpoint_dir)
-        existing = CheckpointStore(root, sweep=False).member_ids() if root.is_dir() else []
+        self.store = CheckpointStore(root, keep_last=config.keep_last,
+                                     keep_best=config.keep_best, mode=config.metric_mode)
+        existing = self.store.member_ids()
         self.moved_to: Path | None = None
         if existing and config.resume == "refuse":
             raise UsageError(
@@ -192,8 +194,6 @@ class PBTScheduler:
         if existing and config.resume in ("fresh", "never"):
             self.moved_to = _move_aside(root)
             logger.warning("moved the previous run's checkpoints to %s", self.moved_to)
-        self.store = CheckpointStore(root, keep_last=config.keep_last,
-                                     keep_best=config.keep_best, mode=config.metric_mode)
         self.members: dict[str, PopulationMember] = {}
         self.resumed = bool(existing) and config.resume in ("auto", "must")
         if self.resumed:
@@ -202,35 +202,39 @@ class PBTScheduler:
             logger.info("resumed %d member(s) from %s", len(self.members), root)
 
     def _resume_member(self, member_id: str) -> None:
-        """Rebuild a member from its most recent readable checkpoint's header."""
-        for path in reversed(self.store._paths(member_id)):
+        """Rebuild a member from its most recent readable checkpoint's header (each of
+        its files' headers is read once; unreadable files are skipped)."""
+        headers = []
+        for path in self.store._paths(member_id):  # in write order
             try:
-                header = codec.read_header(path)
+                headers.append(codec.read_header(path))
             except VgsCkptError as exc:
                 logger.warning("resume: skipping unreadable %s (%s)", path, exc)
-                continue
-            hyperparams = dict(getattr(header, "hyperparams", None) or {})
-            lineage = getattr(header, "lineage", None)
-            history = [(ref.step, ref.performance) for ref in self.store.checkpoints(member_id)]
-            self.members[member_id] = PopulationMember(
-                member_id, hyperparams, performance=header.performance, step=header.step,
-                # The check at the saved step may or may not have run before the
-                # process died; the next one comes a full interval later.
-                last_ready_step=header.step,
-                exploited_from=lineage.exploited_from if lineage is not None else None,
-                history=history)
+        if not headers:
+            logger.warning("resume: member %s has no readable checkpoint; it starts afresh",
+                           member_id)
             return
-        logger.warning("resume: member %s has no readable checkpoint; it starts afresh",
-                       member_id)
+        header = headers[-1]
+        hyperparams, source = {}, None  # v1 files hold no hyperparams or lineage
+        if isinstance(header, CheckpointV2):
+            hyperparams, source = dict(header.hyperparams), header.lineage.exploited_from
+        self.members[member_id] = PopulationMember(
+            member_id, hyperparams, performance=header.performance, step=header.step,
+            # The check at the saved step may or may not have run before the process
+            # died; the next one comes a full interval later.
+            last_ready_step=header.step,
+            exploited_from=source,
+            history=[(h.step, h.performance) for h in headers])
 
     def load_member(self, member: PopulationMember | str, **load_kwargs: Any
                     ) -> Checkpoint | None:
         """The member's most recent checkpoint, loaded and upgraded (training continues
         from its ``parameters``), or None when it has none."""
         m = self._member(member)
-        if self.store.latest(m.member_id) is None:
+        try:
+            return self.store.load_latest(m.member_id, **load_kwargs)[0]
+        except CheckpointNotFoundError:
             return None
-        return self.store.load_latest(m.member_id, **load_kwargs)[0]
 
     def initialize_population(self, hyperparams: Sequence[Mapping[str, Any]] | None = None
                               ) -> list[PopulationMember]:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from vgs_ckpt import codec
-from vgs_ckpt._atomic import atomic_write, sweep_temp_files
+from vgs_ckpt._atomic import atomic_write, sweep_tree
 from vgs_ckpt.checkpoint import Checkpoint
 from vgs_ckpt.errors import CheckpointNotFoundError, UsageError, VgsCkptError
 from vgs_ckpt.models import CheckpointFormat, Lineage
@@ -70,8 +70,7 @@ class CheckpointStore:
     """
 
     def __init__(self, root: str | os.PathLike[str], *, keep_last: int = 2, keep_best: int = 1,
-                 mode: Literal["max", "min"] = "max", durable: bool = True,
-                 sweep: bool = True) -> None:
+                 mode: Literal["max", "min"] = "max", durable: bool = True) -> None:
         if keep_last < 1 or keep_best < 0:
             raise UsageError(f"keep_last must be >= 1 and keep_best >= 0, got {keep_last} "
                              f"and {keep_best}")
@@ -81,17 +80,12 @@ class CheckpointStore:
         self.keep_last, self.keep_best, self.mode = keep_last, keep_best, mode
         self.durable = durable
         self.root.mkdir(parents=True, exist_ok=True)
-        self.swept: list[Path] = self.sweep() if sweep else []
+        self.swept: list[Path] = self.sweep()  # what this open removed
 
     def sweep(self, *, dry_run: bool = False) -> list[Path]:
-        """Remove temp files of dead writers under the root, the member directories and
-        their ``_exploits`` directories; returns what was (or would be) removed."""
-        removed = sweep_temp_files(self.root, dry_run=dry_run)
-        for entry in sorted(os.scandir(self.root), key=lambda e: e.name):
-            if entry.is_dir(follow_symlinks=False):
-                removed += sweep_temp_files(entry.path, dry_run=dry_run)
-                removed += sweep_temp_files(Path(entry.path) / _EXPLOITS, dry_run=dry_run)
-        return removed
+        """Remove temp files of dead writers anywhere under the root (member and
+        ``_exploits`` directories); returns what was (or would be) removed."""
+        return sweep_tree(self.root, dry_run=dry_run)
 
     def member_ids(self) -> list[str]:
         """The ids of the members that have at least one checkpoint, sorted."""
