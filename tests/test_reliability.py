@@ -215,6 +215,15 @@ def test_resume_rebuilds_every_member_from_the_headers(tmp_path: Path) -> None:
     assert checkpoint is not None and checkpoint.header.step == 15
 
 
+def test_resume_skips_an_unreadable_file_with_a_warning(tmp_path: Path, caplog) -> None:
+    _run_some(tmp_path)
+    latest = tmp_path / "0" / "step_000000000015.safetensors"
+    latest.write_bytes(b"not a checkpoint")  # damaged by hand, outside vgs_ckpt
+    resumed = _population(tmp_path, resume="auto")
+    assert resumed.members["0"].step == 10  # the newest readable header
+    assert "skipping unreadable" in caplog.text and str(latest) in caplog.text
+
+
 def test_resume_auto_on_an_empty_directory_starts_fresh(tmp_path: Path) -> None:
     scheduler = _population(tmp_path / "new", resume="auto")
     assert not scheduler.resumed and scheduler.members == {}

@@ -405,6 +405,59 @@ def test_callback_rejects_bad_arguments(tmp_path) -> None:
                              speeds={"0": 0})
 
 
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"models": {}}, "models must map at least one member"),
+    ({"speeds": {"9": 1.0}}, r"speeds for unknown members \['9'\]; give speeds only for"),
+    ({"total_timesteps": 0}, "total_timesteps must be >= 1"),
+    ({"chunk": 0}, "chunk must be >= 1 timestep"),
+    ({"models": {"7": None}}, "unknown member '7'|Stable-Baselines3 algorithm"),
+])
+def test_train_population_rejects_bad_arguments(tmp_path, kwargs, message) -> None:
+    scheduler = scheduler_for(tmp_path)
+    scheduler.initialize_population([{}, {}])
+    arguments = {"models": {"0": ppo()}, "total_timesteps": 64, "interval": 64, **kwargs}
+    with pytest.raises(UsageError, match=message):
+        sb3.train_population(scheduler, **arguments)
+
+
+def test_vgs_hyperparameters_need_an_attached_vgs() -> None:
+    with pytest.raises(UsageError, match="'vgs_alpha': this PPO has no VGS; call attach_vgs"):
+        sb3.set_hyperparams(ppo(), {"vgs_alpha": 0.2})
+    with pytest.raises(UsageError, match="'clip_range': SAC has no such setting"):
+        sb3.set_hyperparams(sac(), {"clip_range": 0.2})
+
+
+class _ClashingPPO(PPO):
+    """A real PPO subclass whose own state-dict names include "vgs_state"."""
+
+    def _setup_model(self) -> None:
+        super()._setup_model()
+        self.vgs_state = torch.nn.Linear(1, 1)
+
+    def _get_torch_save_params(self):
+        names, variables = super()._get_torch_save_params()
+        return [*names, "vgs_state"], variables
+
+
+def test_get_state_refuses_an_algorithm_that_uses_a_reserved_name() -> None:
+    model = _ClashingPPO("MlpPolicy", "CartPole-v1", n_steps=64, batch_size=32, **SMALL)
+    with pytest.raises(UsageError, match=r"already has \['vgs_state'\].*rename"):
+        sb3.get_state(model)
+
+
+class _NoOptimizerPPO(PPO):
+    """A real PPO subclass that lists no optimizer among its state dicts."""
+
+    def _get_torch_save_params(self):
+        return ["policy"], []
+
+
+def test_attach_needs_an_optimizer() -> None:
+    model = _NoOptimizerPPO("MlpPolicy", "CartPole-v1", n_steps=64, batch_size=32, **SMALL)
+    with pytest.raises(UsageError, match="no torch optimizer.*gradient-based"):
+        sb3.attach_vgs(model)
+
+
 def test_without_sb3_the_module_says_how_to_install_it() -> None:
     code = ("import sys; sys.modules['stable_baselines3'] = None\n"
             "import vgs_ckpt\n"

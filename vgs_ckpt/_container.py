@@ -25,7 +25,7 @@ from vgs_ckpt.errors import (
 )
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit the safetensors library enforces
-# Deepest nesting of JSON arrays and objects a reader accepts (spec section 4): deep
+# Deepest nesting of JSON arrays and objects a reader accepts (spec section 2): deep
 # enough for any tree save() writes (at most MAX_TREE_DEPTH containers), shallow
 # enough that no parser or walker runs out of stack.
 MAX_JSON_DEPTH = 512

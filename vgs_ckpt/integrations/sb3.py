@@ -142,7 +142,8 @@ def attach_vgs(model: Any, **vgs_kwargs: Any) -> VarianceGradientScaler:
     optimizers = _optimizers(algo)
     if not optimizers:
         raise UsageError(f"this {type(algo).__name__} has no torch optimizer to attach "
-                         "a VGS to")
+                         "a VGS to; VGS scales gradients at an optimizer step, so it needs "
+                         "a gradient-based algorithm")
     names = [name for name, _ in optimizers]
     primary_name = next((n for n in ("critic.optimizer", "policy.optimizer") if n in names),
                         names[0])
@@ -217,7 +218,8 @@ def get_state(model: Any) -> dict[str, Any]:
     clash = [key for key in _RESERVED if key in tree]
     if clash:
         raise UsageError(f"{type(algo).__name__}.get_parameters() already has {clash}; "
-                         "those names are reserved by this integration")
+                         "those names are reserved by this integration; rename those attributes of your "
+                         "algorithm")
     variables = algo._get_torch_save_params()[1]
     if variables:
         tree[VARIABLES_KEY] = {name: recursive_getattr(algo, name).detach() for name in variables}
@@ -628,7 +630,8 @@ def train_population(scheduler: PBTScheduler, models: Mapping[str, Any], *,
     """
     _require()
     if not models:
-        raise UsageError("models must not be empty")
+        raise UsageError("train_population: models must map at least one member id to an "
+                         "SB3 model")
     speeds = dict(speeds or {})
     for member_id, model in models.items():
         _check_model(model)
@@ -638,12 +641,14 @@ def train_population(scheduler: PBTScheduler, models: Mapping[str, Any], *,
             raise UsageError(f"speed of member {member_id!r} must be > 0, got {speed!r}")
     unknown = sorted(set(speeds) - set(models))
     if unknown:
-        raise UsageError(f"speeds for unknown members {unknown}")
+        raise UsageError(f"train_population: speeds for unknown members {unknown}; give "
+                         f"speeds only for the ids in models ({', '.join(models)})")
     if total_timesteps < 1:
-        raise UsageError(f"total_timesteps must be >= 1, got {total_timesteps}")
+        raise UsageError(f"train_population: total_timesteps must be >= 1, got "
+                         f"{total_timesteps}")
     chunk = interval if chunk is None else chunk
     if chunk < 1:
-        raise UsageError(f"chunk must be >= 1, got {chunk}")
+        raise UsageError(f"train_population: chunk must be >= 1 timestep, got {chunk}")
     cbs = dict(callbacks or {})
     for member_id in models:
         cbs.setdefault(member_id, PBTCallback(scheduler, member_id, interval=interval))
