@@ -218,8 +218,8 @@ def get_state(model: Any) -> dict[str, Any]:
     clash = [key for key in _RESERVED if key in tree]
     if clash:
         raise UsageError(f"{type(algo).__name__}.get_parameters() already has {clash}; "
-                         "those names are reserved by this integration; rename those attributes of your "
-                         "algorithm")
+                         "those names are reserved by this integration; rename those "
+                         "attributes of your algorithm")
     variables = algo._get_torch_save_params()[1]
     if variables:
         tree[VARIABLES_KEY] = {name: recursive_getattr(algo, name).detach() for name in variables}
