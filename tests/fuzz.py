@@ -245,7 +245,17 @@ def fuzz(*, seed: int = 0, cases: int | None = None, seconds: float | None = Non
          progress: Callable[[str], None] | None = None) -> Report:
     """Run ``cases`` mutated files (or as many as fit in ``seconds``)."""
     rng = random.Random(seed)
-    logging.getLogger("vgs_ckpt").setLevel(logging.CRITICAL)  # upgrade notices
+    log = logging.getLogger("vgs_ckpt")
+    level = log.level
+    log.setLevel(logging.CRITICAL)  # upgrade notices
+    try:
+        return _fuzz(rng, seed, cases, seconds, progress)
+    finally:
+        log.setLevel(level)
+
+
+def _fuzz(rng: random.Random, seed: int, cases: int | None, seconds: float | None,
+          progress: Callable[[str], None] | None) -> Report:
     seeds = seed_files()
     names = sorted(seeds)
     report = Report()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import logging
 import multiprocessing
 import os
 import signal
@@ -219,7 +220,8 @@ def test_resume_skips_an_unreadable_file_with_a_warning(tmp_path: Path, caplog) 
     _run_some(tmp_path)
     latest = tmp_path / "0" / "step_000000000015.safetensors"
     latest.write_bytes(b"not a checkpoint")  # damaged by hand, outside vgs_ckpt
-    resumed = _population(tmp_path, resume="auto")
+    with caplog.at_level(logging.WARNING, logger="vgs_ckpt"):
+        resumed = _population(tmp_path, resume="auto")
     assert resumed.members["0"].step == 10  # the newest readable header
     assert "skipping unreadable" in caplog.text and str(latest) in caplog.text
 
