@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -42,3 +44,12 @@ def make_member(seed: int = 0, step_count: int = 10) -> dict[str, Any]:
 @pytest.fixture
 def member() -> dict[str, Any]:
     return make_member()
+
+
+@contextlib.contextmanager
+def raises_exactly(cls: type[BaseException], match: str | None = None) -> Iterator[None]:
+    """``pytest.raises`` that also requires the exact class, not a subclass (the error
+    taxonomy, docs/spec.md section 13, is part of the API)."""
+    with pytest.raises(cls, match=match) as info:
+        yield
+    assert type(info.value) is cls, f"raised {type(info.value).__name__}, not {cls.__name__}"

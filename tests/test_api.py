@@ -15,9 +15,10 @@ def test_all_matches_the_public_names() -> None:
     assert public - modules == set(vgs_ckpt.__all__)
 
 
-@pytest.mark.parametrize("module", ["codec", "detect", "errors", "legacy", "migrations",
-                                    "models", "schema", "upgrade", "checkpoint", "cli",
-                                    "convert", "vgs", "demo", "testing", "pbt", "pbt.store",
+@pytest.mark.parametrize("module", ["writer", "reader", "errors", "legacy", "upgrades",
+                                    "upgrades.steps", "upgrades.checkpoint", "upgrades.files",
+                                    "models", "schema", "vgs_state", "checkpoint", "cli",
+                                    "vgs", "demo", "testing", "pbt", "pbt.store",
                                     "pbt.transfer", "pbt.scheduler", "pbt.learner",
                                     "integrations.ray_tune"])
 def test_every_module_has_an_explicit_all(module: str) -> None:

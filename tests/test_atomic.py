@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import errno
+import io
 import os
 import signal
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 import safetensors
 import torch
 
 import vgs_ckpt
-from vgs_ckpt import CheckpointIOError, _container
+from vgs_ckpt import CheckpointIOError
 
 
 def test_failure_mid_write_keeps_the_old_file_and_leaves_no_temp(
@@ -22,18 +25,27 @@ def test_failure_mid_write_keeps_the_old_file_and_leaves_no_temp(
     path = tmp_path / "m.safetensors"
     vgs_ckpt.save(path, {"w": torch.zeros(4)}, step=1)
     before = path.read_bytes()
-    calls = {"n": 0}
-    real_layout = _container.layout
+    real_fdopen = os.fdopen
 
-    def exploding_layout(*args, **kwargs):  # type: ignore[no-untyped-def]
-        calls["n"] += 1
-        if calls["n"] == 2:  # the second call happens after all data was written
-            raise OSError(28, "No space left on device")
-        return real_layout(*args, **kwargs)
+    class FullDisk(io.FileIO):
+        written = 0
 
-    monkeypatch.setattr("vgs_ckpt.codec.layout", exploding_layout)
+        def write(self, data: Any) -> int:
+            FullDisk.written += len(data)
+            if FullDisk.written > 4096:  # part of the data is on disk: now the disk is full
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return super().write(data)
+
+    def fdopen(fd: int, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        if "w" in mode:
+            return FullDisk(fd, "w", closefd=True)
+        return real_fdopen(fd, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "fdopen", fdopen)
     with pytest.raises(CheckpointIOError, match="intact"):
-        vgs_ckpt.save(path, {"w": torch.ones(4)}, step=2)
+        vgs_ckpt.save(path, {"w": torch.ones(100_000)}, step=2)
+    monkeypatch.undo()
+    assert FullDisk.written > 4096
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
 
@@ -42,18 +54,26 @@ def test_killed_writer_never_leaves_a_partial_target(tmp_path: Path) -> None:
     path = tmp_path / "m.safetensors"
     vgs_ckpt.save(path, {"w": torch.zeros(4)}, step=1)
     before = path.read_bytes()
+    # The writer is killed once most of its data is in the temp file (by size, watched
+    # from outside), before the rename.
     script = textwrap.dedent(f"""
-        import os, signal, torch, vgs_ckpt
-        from vgs_ckpt import codec
-        real = codec.layout
-        n = [0]
-        def layout(*a, **k):
-            n[0] += 1
-            if n[0] == 2:  # all data written, header not yet final: die now
-                os.kill(os.getpid(), signal.SIGKILL)
-            return real(*a, **k)
-        codec.layout = layout
-        vgs_ckpt.save({str(path)!r}, {{"w": torch.ones(1_000_000)}}, step=2)
+        import os, signal, sys, threading, time, torch, vgs_ckpt
+        directory = {str(tmp_path)!r}
+        def watch():
+            while True:
+                for name in os.listdir(directory):
+                    if name.endswith(".tmp"):
+                        try:
+                            if os.path.getsize(os.path.join(directory, name)) > 8_000_000:
+                                os.kill(os.getpid(), signal.SIGKILL)
+                        except FileNotFoundError:
+                            pass
+                time.sleep(0.0005)
+        threading.Thread(target=watch, daemon=True).start()
+        for _ in range(50):  # each save is 40 MB; one of them is killed part-way
+            vgs_ckpt.save({str(path)!r}, {{"w": torch.ones(10_000_000)}}, step=2,
+                          durable=False)
+        sys.exit(3)
     """)
     proc = subprocess.run([sys.executable, "-c", script], check=False)
     assert proc.returncode == -signal.SIGKILL

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 import vgs_ckpt
-from vgs_ckpt import CheckpointFormat, FormatError, _container
-from vgs_ckpt.detect import Detection, detect_format
+from vgs_ckpt import CheckpointFormat, Detection, FormatError, _container, detect_format
 
 
 def test_v2_and_v1_files(tmp_path: Path) -> None:
@@ -27,7 +26,7 @@ def test_detection_reads_no_tensor_bytes(tmp_path: Path, monkeypatch: pytest.Mon
     path = tmp_path / "m.safetensors"
     vgs_ckpt.save(path, {"w": torch.ones(1000)}, step=0)
 
-    def forbidden(*args: object) -> None:
+    def forbidden(*args: object, **kwargs: object) -> None:
         raise AssertionError("tensor bytes were read")
 
     monkeypatch.setattr(_container.FileSource, "views", forbidden)

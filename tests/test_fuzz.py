@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import vgs_ckpt
-from vgs_ckpt import FormatError, TreeError
+from vgs_ckpt import FormatError, UsageError
 from vgs_ckpt._container import MAX_JSON_DEPTH
 from vgs_ckpt._tree import MAX_TREE_DEPTH
 
@@ -63,7 +63,7 @@ def test_the_deepest_tree_save_accepts_loads() -> None:
     for _ in range(MAX_TREE_DEPTH - 1):
         node = node["a"]
     assert torch.equal(node, torch.zeros(1))
-    with pytest.raises(TreeError, match="nested more than"):
+    with pytest.raises(UsageError, match="nested more than"):
         vgs_ckpt.save_bytes({"root": {"a": tree}}, step=0)
 
 

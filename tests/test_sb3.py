@@ -265,7 +265,7 @@ def test_set_state_checks_everything_before_changing_anything() -> None:
     other_vgs = sb3.get_state(trained(ppo(1)))
     other_vgs["vgs_state"] = {**sb3.vgs_scaler(vgs_model).state_dict(),
                               "param_grad_mean_ema": torch.zeros(3)}
-    with pytest.raises(vgs_ckpt.SchemaError, match="one entry per parameter"):
+    with pytest.raises(vgs_ckpt.UsageError, match="one entry per parameter"):
         sb3.set_state(vgs_model, other_vgs)
     tensors_equal(sb3.get_state(vgs_model), vgs_before)
     with pytest.raises(UsageError, match="network architectures differ"):

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from vgs_ckpt import SchemaError, UnsupportedVersionError, UsageError
+from vgs_ckpt import UnsupportedVersionError, UsageError
 from vgs_ckpt.vgs import VarianceGradientScaler
 
 from .legacy_files import vgs_state_of_version
@@ -130,11 +130,11 @@ def test_older_states_load_through_the_migrations(version: str, steps: list[str]
 
 def test_load_state_dict_errors() -> None:
     vgs = VarianceGradientScaler(_params([1.0], [2.0], [3.0]))
-    with pytest.raises(SchemaError, match="one entry per parameter"):
+    with pytest.raises(UsageError, match="one entry per parameter"):
         vgs.load_state_dict(vgs_state_of_version("3.2"))  # 2 entries, 3 parameters
     with pytest.raises(UnsupportedVersionError):
         vgs.load_state_dict({**vgs_state_of_version("3.2"), "vgs_version": "7.0"})
-    with pytest.raises(SchemaError, match="beta"):
+    with pytest.raises(UsageError, match="beta"):
         vgs.load_state_dict({**vgs_state_of_version("1.0"), "beta": 2.0})
 
 

@@ -14,7 +14,7 @@ import os
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import IO, Any, Protocol
+from typing import IO, Any, Literal, Protocol, TypeAlias
 
 from vgs_ckpt._dtypes import BY_CODE, DType
 from vgs_ckpt.errors import (
@@ -24,6 +24,14 @@ from vgs_ckpt.errors import (
     UsageError,
 )
 
+# The three containers a checkpoint can come in: ours, and torch.save's two.
+ContainerKind: TypeAlias = Literal["safetensors", "torch-zip", "torch-pickle"]
+CONTAINER_KINDS: tuple[ContainerKind, ...] = ("safetensors", "torch-zip", "torch-pickle")
+SNIFF_BYTES = 64  # how many leading bytes sniff_container() needs
+_ZIP_MAGIC = b"PK\x03\x04"
+# torch.save's legacy (non-zip) container starts with the pickled magic number
+# 0x1950a86a20f9469cfc6c: PROTO 2, LONG1 of 10 bytes.
+_TORCH_PICKLE_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit the safetensors library enforces
 # Deepest nesting of JSON arrays and objects a reader accepts (spec section 2): deep
 # enough for any tree save() writes (at most MAX_TREE_DEPTH containers), shallow
@@ -65,7 +73,8 @@ class Source(Protocol):
 
     def read(self, offset: int, count: int) -> bytes: ...
 
-    def views(self, container: Container) -> tuple[dict[str, memoryview], bool]:
+    def views(self, container: Container, readahead: bool = True
+              ) -> tuple[dict[str, memoryview], bool]:
         """Zero-copy views of every tensor's bytes, and whether they may be shared
         (writable, private to this process) rather than copied."""
         ...
@@ -86,15 +95,17 @@ class FileSource:
                               f"{offset}, got {len(data)}; the file is incomplete - re-save it")
         return data
 
-    def views(self, container: Container) -> tuple[dict[str, memoryview], bool]:
+    def views(self, container: Container, readahead: bool = True
+              ) -> tuple[dict[str, memoryview], bool]:
         # A private (copy-on-write) mapping: tensors are views of the page cache, a
         # write to a tensor never reaches the file, and a writer that replaces the
         # file atomically (as vgs_ckpt does) leaves these pages intact.
         if container.total_bytes == container.header_bytes:
             return {name: memoryview(b"") for name in container.entries}, False
-        with contextlib.suppress(OSError, AttributeError):  # readahead hints only
-            os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-            os.posix_fadvise(self._fd, container.header_bytes, 0, os.POSIX_FADV_WILLNEED)
+        if readahead:  # without: a lazy reader, only the pages it touches are read
+            with contextlib.suppress(OSError, AttributeError):  # hints only
+                os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+                os.posix_fadvise(self._fd, container.header_bytes, 0, os.POSIX_FADV_WILLNEED)
         try:
             mapping = mmap.mmap(self._fd, container.total_bytes, access=mmap.ACCESS_COPY)
         except (OSError, ValueError) as exc:
@@ -132,7 +143,8 @@ class BytesSource:
                               f"{offset}, only {max(0, len(self._data) - offset)} remain")
         return bytes(self._data[offset:offset + count])
 
-    def views(self, container: Container) -> tuple[dict[str, memoryview], bool]:
+    def views(self, container: Container, readahead: bool = True
+              ) -> tuple[dict[str, memoryview], bool]:
         # The caller's bytes may be immutable or reused: arrays are copied out.
         return {n: self._data[e.start:e.end] for n, e in container.entries.items()}, False
 
@@ -165,6 +177,22 @@ def looks_like_safetensors(prefix: bytes) -> bool:
     # The length is not checked against the file size here, so that a truncated
     # file is reported as truncated rather than as "not a checkpoint".
     return 2 <= length <= MAX_HEADER_BYTES and prefix[8:9] == b"{"
+
+
+def sniff_container(prefix: bytes, where: str) -> ContainerKind:
+    """The container kind from the first :data:`SNIFF_BYTES` bytes of a file."""
+    if prefix.startswith(_ZIP_MAGIC):
+        return "torch-zip"
+    if prefix.startswith(_TORCH_PICKLE_MAGIC):
+        return "torch-pickle"
+    if looks_like_safetensors(prefix):
+        return "safetensors"
+    raise FormatError(f"{where}: not a checkpoint: the first bytes {prefix[:16]!r} are neither "
+                      "a safetensors header nor a torch.save container")
+
+
+def sniff_source(source: Source) -> ContainerKind:
+    return sniff_container(source.read(0, min(SNIFF_BYTES, source.size())), source.where)
 
 
 def read_container(source: Source) -> Container:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from vgs_ckpt._dtypes import BY_TORCH, DType, numpy_entry
-from vgs_ckpt.errors import TreeError, UnsupportedTypeError
+from vgs_ckpt.errors import FormatError, UnsupportedTypeError, UsageError
 
 SEPARATOR = "/"
 RESERVED_NAMES = frozenset({"__metadata__"})
@@ -45,13 +45,27 @@ def show_path(path: tuple[str | int, ...]) -> str:
     return "".join(f"[{k!r}]" for k in path) or "<root>"
 
 
-@dataclass
+@dataclass(frozen=True)
 class Array:
-    """One stored array: the bytes to write and what they are."""
+    """One array of a tree: what it is, and the value whose bytes :meth:`data` gives."""
 
     dtype: DType
     shape: tuple[int, ...]
-    data: memoryview  # contiguous little-endian bytes, format "B"
+    value: Any  # the torch tensor or numpy array (or scalar) it came from
+
+    @property
+    def nbytes(self) -> int:
+        numel = 1
+        for dim in self.shape:
+            numel *= dim
+        return numel * self.dtype.itemsize
+
+    def data(self) -> memoryview:
+        """The array's bytes: contiguous, little-endian, format "B" (a host copy only
+        when the value is not already such a buffer)."""
+        if isinstance(self.value, torch.Tensor):
+            return _torch_data(self.value)
+        return _numpy_data(np.asarray(self.value), self.dtype)
 
 
 def _check_text(text: str, path: tuple[str | int, ...], what: str) -> None:
@@ -64,13 +78,15 @@ def _check_text(text: str, path: tuple[str | int, ...], what: str) -> None:
         ) from None
 
 
-def _torch_bytes(value: torch.Tensor, path: tuple[str | int, ...]) -> tuple[DType, memoryview]:
+def _torch_dtype(value: torch.Tensor, path: tuple[str | int, ...], storable: bool) -> DType:
+    """The format's dtype for a tensor; with ``storable``, also refuse tensors whose
+    bytes cannot be written (sparse, quantized, meta)."""
     if type(value) not in (torch.Tensor, torch.nn.Parameter):
         raise UnsupportedTypeError(
             f"tensor subclass {type(value).__qualname__} at {show_path(path)} is not supported; "
             "store a plain torch.Tensor (e.g. `t.as_subclass(torch.Tensor)`)"
         )
-    if value.layout is not torch.strided or value.is_quantized or value.is_meta:
+    if storable and (value.layout is not torch.strided or value.is_quantized or value.is_meta):
         kind = "meta" if value.is_meta else str(value.layout)
         raise UnsupportedTypeError(
             f"{kind} tensor at {show_path(path)} cannot be stored; "
@@ -82,23 +98,30 @@ def _torch_bytes(value: torch.Tensor, path: tuple[str | int, ...]) -> tuple[DTyp
             f"tensor dtype {value.dtype} at {show_path(path)} is not supported by the format; "
             "convert it (e.g. `t.to(torch.float32)`)"
         )
+    return entry
+
+
+def _torch_data(value: torch.Tensor) -> memoryview:
     flat = value.detach().resolve_conj().resolve_neg().to("cpu").contiguous().reshape(-1)
     if flat.numel() and flat.stride(0) != 1:  # a size-1 view keeps any stride
         flat = flat.clone(memory_format=torch.contiguous_format)
     raw = flat.view(torch.uint8) if flat.numel() else torch.empty(0, dtype=torch.uint8)
-    return entry, raw.numpy().data.cast("B")
+    return raw.numpy().data.cast("B")
 
 
-def _numpy_bytes(value: np.ndarray[Any, Any], path: tuple[str | int, ...]
-                 ) -> tuple[DType, memoryview]:
+def _numpy_dtype(value: np.ndarray[Any, Any], path: tuple[str | int, ...]) -> DType:
     entry = numpy_entry(value.dtype)
     if entry is None or entry.numpy is None:
         raise UnsupportedTypeError(
             f"numpy dtype {value.dtype} at {show_path(path)} is not supported by the format; "
             "convert it (e.g. `a.astype(np.float32)`)"
         )
-    little = np.ascontiguousarray(value, dtype=entry.numpy).reshape(-1)
-    return entry, little.view(np.uint8).data.cast("B")
+    return entry
+
+
+def _numpy_data(value: np.ndarray[Any, Any], dtype: DType) -> memoryview:
+    little = np.ascontiguousarray(value, dtype=dtype.numpy).reshape(-1)
+    return little.view(np.uint8).data.cast("B")
 
 
 def _storage_key(value: torch.Tensor) -> tuple[Any, ...] | None:
@@ -120,14 +143,19 @@ def _numpy_key(value: np.ndarray[Any, Any]) -> tuple[Any, ...] | None:
 
 
 class Encoder:
-    """Turns a tree into a JSON node and the list of arrays it refers to."""
+    """Turns a tree into a JSON node and the arrays it refers to (no bytes are read:
+    :meth:`Array.data` does that, when a writer asks).
 
-    def __init__(self) -> None:
+    ``storable=False`` describes a tree that holds tensors whose bytes cannot be
+    written (meta, sparse: e.g. a legacy file loaded to ``"meta"``); save refuses them.
+    """
+
+    def __init__(self, storable: bool = True) -> None:
         self.arrays: dict[str, Array] = {}
+        self._storable = storable
+        # Arrays hold their source objects until written, so no memory address (used
+        # to find shared tensors) is reused meanwhile.
         self._seen: dict[tuple[Any, ...], str] = {}
-        # Keep every source object alive until the arrays are written, so no
-        # memory address (used to find shared tensors) is reused meanwhile.
-        self._alive: list[Any] = []
 
     def encode(self, value: Any, path: tuple[str | int, ...] = ()) -> Any:
         # bool before int (bool is an int); numpy before float (np.float64 is a float).
@@ -154,7 +182,7 @@ class Encoder:
         if type(value) is np.ndarray:
             return {"ndarray": self._add_numpy(value, path)}
         if type(value) in (dict, OrderedDict, list, tuple) and len(path) >= MAX_TREE_DEPTH:
-            raise TreeError(f"the tree is nested more than {MAX_TREE_DEPTH} containers deep "
+            raise UsageError(f"the tree is nested more than {MAX_TREE_DEPTH} containers deep "
                             f"at {show_path(path[:3])}...; flatten it (e.g. dotted keys)")
         if type(value) in (dict, OrderedDict):
             items = []
@@ -183,47 +211,45 @@ class Encoder:
     def _name(self, path: tuple[str | int, ...]) -> str:
         name = join_path(path)
         if name in RESERVED_NAMES:
-            raise TreeError(
+            raise UsageError(
                 f"tensor at {show_path(path)} would be named {name!r}, which safetensors "
                 "reserves; rename that key"
             )
         if name in self.arrays:
-            raise TreeError(
+            raise UsageError(
                 f"two tensors at {show_path(path)} and another path both map to the tensor "
                 f"name {name!r} (an int key and a str key that read the same); rename one key"
             )
         return name
 
-    def _add(self, key: tuple[Any, ...] | None, path: tuple[str | int, ...],
-             make: Callable[[], tuple[DType, memoryview]], shape: tuple[int, ...],
-             source: Any) -> str:
+    def _add(self, key: tuple[Any, ...] | None, path: tuple[str | int, ...], dtype: DType,
+             value: Any) -> str:
         if key is not None and key in self._seen:
             return self._seen[key]
         name = self._name(path)
-        dtype, data = make()
-        self.arrays[name] = Array(dtype, shape, data)
-        self._alive.append(source)
+        self.arrays[name] = Array(dtype, tuple(value.shape), value)
         if key is not None:
             self._seen[key] = name
         return name
 
     def _add_torch(self, value: torch.Tensor, path: tuple[str | int, ...]) -> str:
-        return self._add(_storage_key(value), path, lambda: _torch_bytes(value, path),
-                         tuple(value.shape), value)
+        dtype = _torch_dtype(value, path, self._storable)
+        return self._add(_storage_key(value), path, dtype, value)
 
     def _add_numpy(self, value: np.ndarray[Any, Any], path: tuple[str | int, ...]) -> str:
-        return self._add(_numpy_key(value), path, lambda: _numpy_bytes(value, path),
-                         tuple(value.shape), value)
+        return self._add(_numpy_key(value), path, _numpy_dtype(value, path), value)
 
 
-def encode_tree(tree: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Array]]:
-    """Encode a parameter tree; the root must be a dict."""
+def encode_tree(tree: Mapping[str, Any], *, storable: bool = True
+                ) -> tuple[dict[str, Any], dict[str, Array]]:
+    """Encode a parameter tree (the root must be a dict): its JSON node, and its arrays
+    by tensor name. No tensor bytes are read or copied."""
     if type(tree) not in (dict, OrderedDict):
         raise UnsupportedTypeError(
             f"the parameter tree must be a dict (e.g. model.get_parameters()), "
             f"got {type(tree).__qualname__}"
         )
-    encoder = Encoder()
+    encoder = Encoder(storable)
     node = encoder.encode(tree)
     return node, encoder.arrays
 
@@ -239,16 +265,16 @@ class Decoder:
         if node is None or type(node) in (bool, int, str):
             return node
         if type(node) is not dict or not node:
-            raise TreeError(f"malformed tree node at {show_path(path)}: {node!r:.80}")
+            raise FormatError(f"malformed tree node at {show_path(path)}: {node!r:.80}")
         _check_members(node, path)
         if "dict" in node:
             out: dict[Any, Any] = OrderedDict() if node.get("ordered") is True else {}
             for pair in _list(node["dict"], path):
                 if type(pair) is not list or len(pair) != 2 or type(pair[0]) not in (str, int):
-                    raise TreeError(f"malformed dict item at {show_path(path)}: {pair!r:.80}")
+                    raise FormatError(f"malformed dict item at {show_path(path)}: {pair!r:.80}")
                 key, child = pair
                 if key in out:
-                    raise TreeError(f"duplicate key {key!r} at {show_path(path)}")
+                    raise FormatError(f"duplicate key {key!r} at {show_path(path)}")
                 out[key] = self.decode(child, (*path, key))
             return out
         if "list" in node or "tuple" in node:
@@ -261,19 +287,24 @@ class Decoder:
                 return float(value)
             if value in _FLOAT_SPECIALS:
                 return _FLOAT_SPECIALS[value]
-            raise TreeError(f"malformed float at {show_path(path)}: {value!r:.80}")
+            raise FormatError(f"malformed float at {show_path(path)}: {value!r:.80}")
         if "tensor" in node:
-            tensor = self._array(_name_of(node["tensor"], path), "torch")
-            if node.get("parameter") is True:
-                return torch.nn.Parameter(tensor, requires_grad=node.get("requires_grad") is True)
-            if node.get("requires_grad") is True:
-                return tensor.detach().requires_grad_(True)
-            return tensor
+            return self.tensor(_name_of(node["tensor"], path), node.get("parameter") is True,
+                               node.get("requires_grad") is True)
         if "ndarray" in node:
             return self._array(_name_of(node["ndarray"], path), "numpy")
         if "npscalar" in node:
-            return self._array(_name_of(node["npscalar"], path), "numpy")[()]
+            return self.npscalar(_name_of(node["npscalar"], path))
         raise AssertionError("unreachable: _check_members accepted an unknown tag")
+
+    def tensor(self, name: str, parameter: bool, requires_grad: bool) -> Any:
+        tensor = self._array(name, "torch")
+        if parameter:
+            return torch.nn.Parameter(tensor, requires_grad=requires_grad)
+        return tensor.detach().requires_grad_(True) if requires_grad else tensor
+
+    def npscalar(self, name: str) -> Any:
+        return self._array(name, "numpy")[()]
 
 
 # The members each tagged node may carry (spec section 5); flags must be true.
@@ -286,26 +317,26 @@ _FLAGS = ("ordered", "requires_grad", "parameter")
 def _check_members(node: dict[str, Any], path: tuple[str | int, ...]) -> None:
     tags = [tag for tag in _MEMBERS if tag in node]
     if len(tags) != 1:
-        raise TreeError(f"tree node at {show_path(path)} must have exactly one of "
+        raise FormatError(f"tree node at {show_path(path)} must have exactly one of "
                         f"{', '.join(_MEMBERS)}, got {sorted(node)}")
     extra = set(node) - _MEMBERS[tags[0]]
     if extra:
-        raise TreeError(f"{tags[0]} node at {show_path(path)} has unknown members "
+        raise FormatError(f"{tags[0]} node at {show_path(path)} has unknown members "
                         f"{sorted(extra)}")
     for flag in _FLAGS:
         if flag in node and node[flag] is not True:
-            raise TreeError(f"{flag!r} at {show_path(path)} must be true when present, "
+            raise FormatError(f"{flag!r} at {show_path(path)} must be true when present, "
                             f"got {node[flag]!r}")
 
 
 def _list(value: Any, path: tuple[str | int, ...]) -> list[Any]:
     if type(value) is not list:
-        raise TreeError(f"malformed tree node at {show_path(path)}: expected a list, "
+        raise FormatError(f"malformed tree node at {show_path(path)}: expected a list, "
                         f"got {value!r:.80}")
     return value
 
 
 def _name_of(value: Any, path: tuple[str | int, ...]) -> str:
     if type(value) is not str:
-        raise TreeError(f"malformed tensor reference at {show_path(path)}: {value!r:.80}")
+        raise FormatError(f"malformed tensor reference at {show_path(path)}: {value!r:.80}")
     return value

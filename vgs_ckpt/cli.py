@@ -9,13 +9,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from vgs_ckpt import codec
+from vgs_ckpt import reader
 from vgs_ckpt._atomic import MIN_TEMP_AGE, sweep_tree
 from vgs_ckpt._dtypes import BY_CODE
-from vgs_ckpt.convert import upgrade_files
-from vgs_ckpt.detect import detect_format
 from vgs_ckpt.errors import VgsCkptError
 from vgs_ckpt.schema import schema_drift, write_schemas
+from vgs_ckpt.upgrades.files import upgrade_files
 
 __all__ = ["main"]
 
@@ -38,13 +37,11 @@ def _table(rows: list[list[str]], headers: list[str]) -> str:
 
 
 def _describe(path: str) -> dict[str, Any]:
-    detection = detect_format(path)
-    if detection.container != "safetensors":
-        ckpt = codec.load(path, verify=False, upgrade=False)  # show the file as it is
-        header = ckpt.header
-    else:
-        header = codec.read_header(path)
-    info: dict[str, Any] = {"path": path, "container": detection.container,
+    # The file as it is: a vgs_ckpt header is read once (no tensor bytes), a legacy
+    # pickle is unpickled once (weights_only).
+    with reader.open(path, verify=False) as opened:
+        header, container = opened.header, opened.container
+    info: dict[str, Any] = {"path": path, "container": container,
                             "format": header.format_version.value,
                             "header": json.loads(header.model_dump_json(exclude={"tree"}))}
     tensors = []
@@ -96,7 +93,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    ckpt = codec.load(args.path, verify=True)
+    ckpt = reader.load(args.path, verify=True)
     print(f"OK {args.path}: {ckpt.format.value}, {len(ckpt.header.tensors)} tensors verified")
     return 0
 

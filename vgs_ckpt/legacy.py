@@ -12,9 +12,8 @@ from typing import Any
 
 import torch
 
-from vgs_ckpt import _header
 from vgs_ckpt.errors import FormatError, UnsafeCheckpointError, VgsCkptError
-from vgs_ckpt.models import CheckpointFormat
+from vgs_ckpt.models import CheckpointFormat, check_format_version
 
 __all__ = ["LegacyCheckpoint", "read_legacy"]
 
@@ -78,7 +77,7 @@ def read_legacy(data: str | os.PathLike[str] | bytes | bytearray | memoryview, *
     where = data if isinstance(data, str) else "<bytes>"
     obj = _torch_load(data, container, map_location, where)
     if isinstance(obj, Mapping) and "format_version" in obj:
-        fmt = _header.check_format_version(obj["format_version"], where)
+        fmt = check_format_version(obj["format_version"], where)
         if "data" not in obj:
             raise FormatError(f"{where}: legacy checkpoint of format {fmt.value!r} has no "
                               "'data' entry; the file is corrupt")

@@ -13,6 +13,7 @@ import re
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, TypeAlias
 
+import pydantic
 from pydantic import (
     AfterValidator,
     AwareDatetime,
@@ -28,7 +29,9 @@ from pydantic import (
     field_validator,
 )
 
+from vgs_ckpt._container import ContainerKind
 from vgs_ckpt._dtypes import CODES
+from vgs_ckpt.errors import FormatError, UnsupportedVersionError
 
 __all__ = [
     "DIGEST_ALGORITHM",
@@ -38,12 +41,16 @@ __all__ = [
     "CheckpointHeader",
     "CheckpointV1",
     "CheckpointV2",
+    "ContainerKind",
     "ExploitSource",
     "Lineage",
     "Producer",
     "Provenance",
     "TensorInfo",
+    "VGSRole",
     "VGSState",
+    "check_format_version",
+    "describe_validation",
     "header_adapter",
     "json_schemas",
 ]
@@ -103,7 +110,11 @@ class TensorInfo(_Model):
 
     dtype: DTypeCode
     shape: list[NonNegativeInt]
-    digest: Annotated[str, Field(pattern=_DIGEST_PATTERN)]
+    # Always set in a file (the schema requires it). None only in memory, for a tensor
+    # not stored in this layout yet: one read from a legacy torch file, or moved by an
+    # in-memory upgrade; save() computes it.
+    digest: Annotated[Annotated[str, Field(pattern=_DIGEST_PATTERN)] | None,
+                      WithJsonSchema({"type": "string", "pattern": _DIGEST_PATTERN})]
 
 
 class Producer(_Model):
@@ -132,11 +143,23 @@ class Provenance(_Model):
     """What an upgrade did to a checkpoint that was written in an older format."""
 
     original_format: Annotated[str, Field(min_length=1)]
-    original_container: Literal["safetensors", "torch-zip", "torch-pickle"]
+    original_container: ContainerKind
     original_vgs_version: str | None = None
     applied_steps: list[str] = []
     vgs_state_absent: bool = False
     legacy: dict[str, JsonValue] = {}
+
+
+class VGSRole(enum.Enum):
+    """What a field of :class:`VGSState` is; ``vgs_ckpt.vgs_state`` derives its key sets
+    from these marks (they do not appear in the JSON Schema)."""
+
+    KNOB = "knob"  # a configuration setting (a keyword argument of the scaler)
+    STATISTIC = "statistic"  # a scalar statistic (the step count, the global EMAs)
+    TENSOR = "tensor"  # the name of a per-parameter tensor of the file
+
+
+_KNOB, _STAT, _TENSOR = VGSRole.KNOB, VGSRole.STATISTIC, VGSRole.TENSOR
 
 
 class VGSState(_Model):
@@ -145,24 +168,27 @@ class VGSState(_Model):
     The per-parameter EMAs are tensors of the file; this model names them.
     """
 
-    vgs_version: Literal["1.0", "2.0", "3.0", "3.1", "3.2"]
-    enabled: StrictBool = True
-    beta: Annotated[StrictFloat, Field(gt=0.0, lt=1.0)]
-    alpha: Annotated[StrictFloat, AfterValidator(_finite), Field(ge=0.0)]
-    eps: Annotated[StrictFloat, AfterValidator(_finite), Field(gt=0.0)]
-    warmup_steps: Annotated[StrictInt, Field(ge=0)]
-    step_count: Annotated[StrictInt, Field(ge=0)]
-    min_scaling_factor: Annotated[StrictFloat, Field(gt=0.0, le=1.0)] | None = None
-    variance_cap: Annotated[StrictFloat, AfterValidator(_finite), Field(gt=0.0)] | None = None
-    # Legacy global statistics (logging only); any float, NaN and inf included.
-    grad_mean_ema: AnyFloat | None = None
-    grad_var_ema: AnyFloat | None = None
-    grad_norm_ema: AnyFloat | None = None
-    grad_max_ema: AnyFloat | None = None
+    # In the order of the original scaler's state_dict() keys.
+    enabled: Annotated[StrictBool, _KNOB] = True
+    beta: Annotated[StrictFloat, Field(gt=0.0, lt=1.0), _KNOB]
+    alpha: Annotated[StrictFloat, AfterValidator(_finite), Field(ge=0.0), _KNOB]
+    eps: Annotated[StrictFloat, AfterValidator(_finite), Field(gt=0.0), _KNOB]
+    warmup_steps: Annotated[StrictInt, Field(ge=0), _KNOB]
+    step_count: Annotated[StrictInt, Field(ge=0), _STAT]
+    min_scaling_factor: Annotated[
+        Annotated[StrictFloat, Field(gt=0.0, le=1.0)] | None, _KNOB] = None
+    variance_cap: Annotated[
+        Annotated[StrictFloat, AfterValidator(_finite), Field(gt=0.0)] | None, _KNOB] = None
     # Names of the per-parameter EMA tensors in this file, or null.
-    param_grad_mean_ema: str | None = None
-    param_grad_sq_ema: str | None = None
-    param_numel: str | None = None
+    param_grad_mean_ema: Annotated[str | None, _TENSOR] = None
+    param_grad_sq_ema: Annotated[str | None, _TENSOR] = None
+    param_numel: Annotated[str | None, _TENSOR] = None
+    # Legacy global statistics (logging only); any float, NaN and inf included.
+    grad_mean_ema: Annotated[AnyFloat | None, _STAT] = None
+    grad_var_ema: Annotated[AnyFloat | None, _STAT] = None
+    grad_norm_ema: Annotated[AnyFloat | None, _STAT] = None
+    grad_max_ema: Annotated[AnyFloat | None, _STAT] = None
+    vgs_version: Literal[VGS_VERSIONS]  # type: ignore[valid-type]
 
 
 class _Header(_Model):
@@ -210,6 +236,36 @@ def format_number(format_version: str) -> int | None:
     """The number N of a format string ``vN_name``, or None when it is not of that form."""
     match = _VERSION_RE.match(format_version)
     return int(match.group(1)) if match else None
+
+
+_LATEST_NUMBER = format_number(FORMAT_ORDER[-1]) or 0
+
+
+def check_format_version(value: object, where: str) -> CheckpointFormat:
+    """The known format named by ``value``, or the right error for an unknown one.
+
+    Raises:
+        UnsupportedVersionError: a well-formed ``vN_name`` newer than this library.
+        FormatError: anything else.
+    """
+    if type(value) is str and value in FORMAT_ORDER:
+        return CheckpointFormat(value)
+    number = format_number(value) if type(value) is str else None
+    if number is not None and number > _LATEST_NUMBER:
+        raise UnsupportedVersionError(
+            f"{where}: format {value!r} is newer than this library knows (latest "
+            f"{FORMAT_ORDER[-1]!r}); upgrade vgs_ckpt to read it")
+    raise FormatError(f"{where}: unknown checkpoint format {value!r}; expected one of "
+                      f"{', '.join(FORMAT_ORDER)}")
+
+
+def describe_validation(exc: pydantic.ValidationError, prefix: str = "") -> str:
+    """A pydantic error as "field.path: message (got ...); ..." for error messages."""
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in (prefix, *err["loc"]) if p != "")
+        parts.append(f"{loc or '<header>'}: {err['msg']} (got {err.get('input')!r:.60})")
+    return "; ".join(parts)
 
 
 _TAGGED = "tensor", "ndarray", "npscalar"

@@ -24,6 +24,7 @@ import torch
 from hypothesis import strategies as st
 
 from vgs_ckpt._dtypes import BY_CODE
+from vgs_ckpt.vgs_state import ADDED_IN_3_2, DEFAULTS
 
 __all__ = ["assert_trees_equal", "numpy_arrays", "parameter_trees", "scalars", "tensors",
            "vgs_states"]
@@ -128,8 +129,9 @@ def vgs_states(version: str = "3.2", num_params: int = 3) -> st.SearchStrategy[d
 
     def build(beta: float, alpha: float, step: int, warmup: int, stats: list[float]
               ) -> dict[str, Any]:
-        state: dict[str, Any] = {"enabled": True, "beta": beta, "alpha": alpha, "eps": 1e-8,
-                                 "warmup_steps": warmup, "step_count": step,
+        state: dict[str, Any] = {"enabled": True, "beta": beta, "alpha": alpha,
+                                 "eps": DEFAULTS["eps"], "warmup_steps": warmup,
+                                 "step_count": step,
                                  "grad_mean_ema": None, "grad_var_ema": None,
                                  "grad_norm_ema": None, "grad_max_ema": None}
         if version != "1.0":
@@ -138,8 +140,7 @@ def vgs_states(version: str = "3.2", num_params: int = 3) -> st.SearchStrategy[d
             state["param_grad_sq_ema"] = torch.tensor(stats, dtype=torch.float32).square()
             state["param_numel"] = torch.arange(1, num_params + 1, dtype=torch.float32)
         if version == "3.2":
-            state["min_scaling_factor"] = 0.1
-            state["variance_cap"] = 50.0
+            state.update({key: DEFAULTS[key] for key in ADDED_IN_3_2})
         return state
 
     return st.builds(build, st.floats(0.5, 0.999), st.floats(0, 1), st.integers(0, 10**6),
@@ -147,36 +148,45 @@ def vgs_states(version: str = "3.2", num_params: int = 3) -> st.SearchStrategy[d
                                                     max_size=num_params))
 
 
+def _expect(condition: bool, message: str) -> None:
+    # An explicit raise, not `assert`: it must hold under `python -O` too.
+    if not condition:
+        raise AssertionError(message)
+
+
 def assert_trees_equal(actual: Any, expected: Any, path: str = "$") -> None:
     """Assert exact equality: same container and leaf types, same keys in the same order,
     bit-identical tensor and array bytes, floats equal bit for bit (NaN equals NaN, -0.0 is
-    not 0.0), same ``requires_grad`` and ``nn.Parameter``-ness."""
+    not 0.0), same ``requires_grad`` and ``nn.Parameter``-ness.
+
+    Raises:
+        AssertionError: at the first difference, naming its path (also under
+            ``python -O``).
+    """
+    _expect(type(actual) is type(expected), f"{path}: {type(actual)} != {type(expected)}")
     if isinstance(expected, torch.Tensor):
-        assert type(actual) is type(expected), f"{path}: {type(actual)} != {type(expected)}"
-        assert actual.dtype == expected.dtype, f"{path}: dtype {actual.dtype} != {expected.dtype}"
-        assert actual.shape == expected.shape, f"{path}: shape {actual.shape} != {expected.shape}"
-        assert actual.requires_grad == expected.requires_grad, f"{path}: requires_grad differs"
+        _expect(actual.dtype == expected.dtype, f"{path}: dtype {actual.dtype} != {expected.dtype}")
+        _expect(actual.shape == expected.shape, f"{path}: shape {actual.shape} != {expected.shape}")
+        _expect(actual.requires_grad == expected.requires_grad, f"{path}: requires_grad differs")
         a = actual.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
         e = expected.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-        assert torch.equal(a, e), f"{path}: tensor bytes differ"
-        return
-    if isinstance(expected, np.ndarray | np.generic):
-        assert type(actual) is type(expected), f"{path}: {type(actual)} != {type(expected)}"
-        assert actual.dtype == expected.dtype and actual.shape == expected.shape, path
-        assert np.asarray(actual).tobytes() == np.asarray(expected).tobytes(), f"{path}: bytes"
-        return
-    assert type(actual) is type(expected), f"{path}: {type(actual)} != {type(expected)}"
-    if isinstance(expected, dict):
-        assert list(actual) == list(expected), f"{path}: keys {list(actual)} != {list(expected)}"
+        _expect(torch.equal(a, e), f"{path}: tensor bytes differ")
+    elif isinstance(expected, np.ndarray | np.generic):
+        _expect(actual.dtype == expected.dtype and actual.shape == expected.shape,
+                f"{path}: {actual.dtype}{actual.shape} != {expected.dtype}{expected.shape}")
+        _expect(np.asarray(actual).tobytes() == np.asarray(expected).tobytes(),
+                f"{path}: array bytes differ")
+    elif isinstance(expected, dict):
+        _expect(list(actual) == list(expected), f"{path}: keys {list(actual)} != {list(expected)}")
         for key in expected:
             assert_trees_equal(actual[key], expected[key], f"{path}[{key!r}]")
     elif isinstance(expected, list | tuple):
-        assert len(actual) == len(expected), f"{path}: length differs"
+        _expect(len(actual) == len(expected), f"{path}: length {len(actual)} != {len(expected)}")
         for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
             assert_trees_equal(a, e, f"{path}[{i}]")
     elif isinstance(expected, float):
         same = (math.isnan(actual) and math.isnan(expected)) or (
             actual == expected and math.copysign(1, actual) == math.copysign(1, expected))
-        assert same, f"{path}: {actual!r} != {expected!r}"
+        _expect(same, f"{path}: {actual!r} != {expected!r}")
     else:
-        assert actual == expected, f"{path}: {actual!r} != {expected!r}"
+        _expect(actual == expected, f"{path}: {actual!r} != {expected!r}")

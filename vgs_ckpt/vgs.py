@@ -13,20 +13,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-import pydantic
 import torch
 
-from vgs_ckpt._header import VGS_TENSOR_KEYS, describe_validation
-from vgs_ckpt.errors import SchemaError, UsageError
-from vgs_ckpt.migrations import LATEST_VGS, Upgrading, upgrade_tree
-from vgs_ckpt.models import CheckpointFormat, VGSState
+from vgs_ckpt import vgs_state
+from vgs_ckpt.errors import UsageError
+from vgs_ckpt.upgrades.steps import upgrade_vgs_state
+from vgs_ckpt.vgs_state import DEFAULTS, KNOBS
 
-__all__ = ["VGS_KNOBS", "VarianceGradientScaler"]
-
-# The configuration knobs of the scaler (its keyword arguments); PBT explores them as
-# ``vgs_<knob>`` hyperparameters.
-VGS_KNOBS = ("enabled", "beta", "alpha", "eps", "warmup_steps", "min_scaling_factor",
-             "variance_cap")
+__all__ = ["VarianceGradientScaler"]
 
 _MAX_GLOBAL = 1e6
 _MIN_MEAN_SQ = 1e-12
@@ -52,10 +46,12 @@ class VarianceGradientScaler:
         >>> loss.backward(); vgs.scale_gradients(); optimizer.step(); vgs.update()
     """
 
-    def __init__(self, parameters: Iterable[torch.nn.Parameter], *, enabled: bool = True,
-                 beta: float = 0.99, alpha: float = 0.1, eps: float = 1e-8,
-                 warmup_steps: int = 100, min_scaling_factor: float = 0.1,
-                 variance_cap: float | None = 50.0) -> None:
+    def __init__(self, parameters: Iterable[torch.nn.Parameter], *,
+                 enabled: bool = DEFAULTS["enabled"], beta: float = DEFAULTS["beta"],
+                 alpha: float = DEFAULTS["alpha"], eps: float = DEFAULTS["eps"],
+                 warmup_steps: int = DEFAULTS["warmup_steps"],
+                 min_scaling_factor: float = DEFAULTS["min_scaling_factor"],
+                 variance_cap: float | None = DEFAULTS["variance_cap"]) -> None:
         self.params = list(parameters)
         self.enabled = enabled
         self.beta = beta
@@ -64,15 +60,15 @@ class VarianceGradientScaler:
         self.warmup_steps = warmup_steps
         self.min_scaling_factor = min_scaling_factor
         self.variance_cap = variance_cap
-        try:  # refuse a bad configuration early
-            VGSState.model_validate(self._scalars())
-        except pydantic.ValidationError as exc:
-            raise UsageError(f"invalid VGS configuration: {describe_validation(exc)}") from None
+        # Refuse a bad configuration early.
+        vgs_state.check({"vgs_version": vgs_state.LATEST, **self.config(), "step_count": 0},
+                        "VarianceGradientScaler", UsageError, "fix the scaler's arguments",
+                        what="invalid VGS configuration: ")
         self.reset()
 
     def config(self) -> dict[str, Any]:
-        """The knobs (:data:`VGS_KNOBS`) as keyword arguments of the constructor."""
-        return {knob: getattr(self, knob) for knob in VGS_KNOBS}
+        """The knobs (``vgs_state.KNOBS``) as keyword arguments of the constructor."""
+        return {knob: getattr(self, knob) for knob in KNOBS}
 
     def reset(self) -> None:
         """Forget every statistic (as for a member whose VGS state was absent)."""
@@ -86,10 +82,6 @@ class VarianceGradientScaler:
         self.grad_max_ema: float | None = None
         # (count, sum, sum of squares, max |g|) of the gradients folded this step.
         self._pending: tuple[int, float, float, float] = (0, 0.0, 0.0, 0.0)
-
-    def _scalars(self) -> dict[str, Any]:
-        return {"vgs_version": LATEST_VGS, **self.config(),
-                "step_count": getattr(self, "step_count", 0)}
 
     @torch.no_grad()
     def update(self) -> None:
@@ -187,18 +179,12 @@ class VarianceGradientScaler:
         return scale
 
     def state_dict(self) -> dict[str, Any]:
-        """The state, with exactly the keys and types of the original scaler's 3.2."""
-        return {
-            "enabled": self.enabled, "beta": self.beta, "alpha": self.alpha, "eps": self.eps,
-            "warmup_steps": self.warmup_steps, "step_count": self.step_count,
-            "min_scaling_factor": self.min_scaling_factor, "variance_cap": self.variance_cap,
-            "param_grad_mean_ema": _copy(self.param_grad_mean_ema),
-            "param_grad_sq_ema": _copy(self.param_grad_sq_ema),
-            "param_numel": _copy(self.param_numel),
-            "grad_mean_ema": self.grad_mean_ema, "grad_var_ema": self.grad_var_ema,
-            "grad_norm_ema": self.grad_norm_ema, "grad_max_ema": self.grad_max_ema,
-            "vgs_version": LATEST_VGS,
-        }
+        """The state, with exactly the keys and types of the original scaler's 3.2:
+        every field of ``vgs_state`` (knobs, statistics, tensors) and the version."""
+        state: dict[str, Any] = {key: getattr(self, key) for key in vgs_state.SCALAR_KEYS}
+        state.update({key: _copy(getattr(self, key)) for key in vgs_state.TENSOR_KEYS})
+        state["vgs_version"] = vgs_state.LATEST
+        return {key: state[key] for key in vgs_state.STATE_KEYS}
 
     def load_state_dict(self, state: Mapping[str, Any] | None) -> list[str]:
         """Load a state of any known version; older ones go through the migrations.
@@ -210,44 +196,33 @@ class VarianceGradientScaler:
 
         Raises:
             UnsupportedVersionError: unknown ``vgs_version``.
-            SchemaError: invalid values, or per-parameter tensors whose length does not
-                match this scaler's parameters.
+            UsageError: invalid values, or per-parameter tensors whose length does not
+                match this scaler's parameters. Nothing is changed.
         """
         if state is None:
             self.reset()
             return []
-        upgraded, applied = upgrade_tree(Upgrading(CheckpointFormat.V2_FULL_PARAMETERS,
-                                                   {"vgs_state": dict(state)}))
-        new = upgraded.parameters["vgs_state"]
-        scalars = {k: new[k] for k in VGSState.model_fields
-                   if k not in VGS_TENSOR_KEYS and new.get(k) is not None}
-        try:
-            checked = VGSState.model_validate(scalars)
-        except pydantic.ValidationError as exc:
-            raise SchemaError(f"invalid VGS state: {describe_validation(exc, 'vgs_state')}"
-                              ) from None
-        tensors = {k: new.get(k) for k in VGS_TENSOR_KEYS}
+        new, applied = upgrade_vgs_state(state)
+        checked = vgs_state.check(
+            {"vgs_version": new.get("vgs_version"),
+             **{k: new[k] for k in vgs_state.SCALAR_KEYS if new.get(k) is not None}},
+            "load_state_dict", UsageError, "the state cannot drive this scaler")
+        tensors = {k: new.get(k) for k in vgs_state.TENSOR_KEYS}
         for key, value in tensors.items():
             if value is not None and (not isinstance(value, torch.Tensor) or value.dim() != 1
                                       or value.numel() != len(self.params)):
-                raise SchemaError(
-                    f"vgs_state.{key} must be a 1-D tensor with one entry per parameter "
+                raise UsageError(
+                    f"{vgs_state.KEY}.{key} must be a 1-D tensor with one entry per parameter "
                     f"({len(self.params)}), got {getattr(value, 'shape', type(value).__name__)}; "
                     "the state belongs to a model with different parameters")
-        self.enabled, self.beta, self.alpha = checked.enabled, checked.beta, checked.alpha
-        self.eps, self.warmup_steps = checked.eps, checked.warmup_steps
-        self.step_count = checked.step_count
-        self.min_scaling_factor = (checked.min_scaling_factor
-                                   if checked.min_scaling_factor is not None else 0.1)
-        self.variance_cap = checked.variance_cap
-        self.param_grad_mean_ema = _copy(tensors["param_grad_mean_ema"])
-        self.param_grad_sq_ema = _copy(tensors["param_grad_sq_ema"])
-        self.param_numel = _copy(tensors["param_numel"])
-        self.grad_mean_ema, self.grad_var_ema = checked.grad_mean_ema, checked.grad_var_ema
-        self.grad_norm_ema, self.grad_max_ema = checked.grad_norm_ema, checked.grad_max_ema
+        for key in vgs_state.SCALAR_KEYS:
+            setattr(self, key, getattr(checked, key))
+        if self.min_scaling_factor is None:
+            self.min_scaling_factor = DEFAULTS["min_scaling_factor"]
+        for key, value in tensors.items():
+            setattr(self, key, _copy(value))
         self._pending = (0, 0.0, 0.0, 0.0)
         return applied
-
 
 
 def _copy(tensor: torch.Tensor | None) -> torch.Tensor | None:

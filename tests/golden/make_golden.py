@@ -22,16 +22,17 @@ def tiny_tree() -> dict[str, Any]:
 
 
 def tiny_bytes() -> bytes:
-    import vgs_ckpt
-    from vgs_ckpt import _header
+    import io
 
-    saved = _header.__version__
-    _header.__version__ = GOLDEN_VERSION
-    try:
-        return vgs_ckpt.save_bytes(tiny_tree(), step=7, performance=0.5, member_id="m0",
-                                   hyperparams={"lr": 0.001}, created_at=GOLDEN_TIME)
-    finally:
-        _header.__version__ = saved
+    from vgs_ckpt import _header, writer
+    from vgs_ckpt.models import Producer
+
+    header, arrays = _header.describe(
+        tiny_tree(), step=7, performance=0.5, member_id="m0", hyperparams={"lr": 0.001},
+        created_at=GOLDEN_TIME, producer=Producer(name="vgs_ckpt", version=GOLDEN_VERSION))
+    buffer = io.BytesIO()
+    writer.write(buffer, header, arrays)
+    return buffer.getvalue()
 
 
 if __name__ == "__main__":

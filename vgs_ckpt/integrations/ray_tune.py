@@ -33,11 +33,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vgs_ckpt import codec
+from vgs_ckpt import reader, writer
 from vgs_ckpt.errors import FormatError, MissingDependencyError
 from vgs_ckpt.models import CheckpointV2, ExploitSource, Lineage
 from vgs_ckpt.pbt.transfer import OptimizerStrategy, apply_hyperparams, reset_optimizer_state
-from vgs_ckpt.upgrade import upgrade
+from vgs_ckpt.upgrades import upgrade
 
 __all__ = ["CHECKPOINT_FILE", "Restored", "report", "restore", "restore_checkpoint",
            "save_checkpoint"]
@@ -78,7 +78,7 @@ def save_checkpoint(directory: str | os.PathLike[str], parameters: Mapping[Any, 
     """
     tune = _tune()
     path = Path(directory) / CHECKPOINT_FILE
-    codec.save(path, parameters, step=step, performance=performance,
+    writer.save(path, parameters, step=step, performance=performance,
                member_id=trial_id or _trial_id(), hyperparams=_json_hyperparams(config or {}),
                lineage=lineage)
     return tune.Checkpoint.from_directory(os.fspath(directory))
@@ -126,7 +126,7 @@ def restore_checkpoint(checkpoint: Any, config: Mapping[str, Any], *,
         if not path.is_file():
             raise FormatError(f"{directory}: no {CHECKPOINT_FILE} in this Ray checkpoint; "
                               "was it written with vgs_ckpt.integrations.ray_tune?")
-        loaded, _ = upgrade(codec.load(path, map_location=map_location))
+        loaded, _ = upgrade(reader.load(path, map_location=map_location))
         # The tensors are private memory maps: they stay valid after Ray deletes
         # a temporary download directory.
     header = loaded.header

@@ -54,12 +54,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from vgs_ckpt._header import VGS_KEY
 from vgs_ckpt.errors import MissingDependencyError, UsageError
 from vgs_ckpt.models import CheckpointFormat
 from vgs_ckpt.pbt.scheduler import PBTScheduler, PopulationMember
-from vgs_ckpt.pbt.transfer import VGS_HYPERPARAM_PREFIX
-from vgs_ckpt.vgs import VGS_KNOBS, VarianceGradientScaler
+from vgs_ckpt.vgs import VarianceGradientScaler
+from vgs_ckpt.vgs_state import HYPERPARAM_PREFIX as VGS_HYPERPARAM_PREFIX
+from vgs_ckpt.vgs_state import KEY as VGS_KEY
+from vgs_ckpt.vgs_state import KNOBS as VGS_KNOBS
 
 try:
     from stable_baselines3.common.base_class import BaseAlgorithm

@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 
-from vgs_ckpt._header import VGS_KEY
 from vgs_ckpt.pbt.transfer import update_param_group
 from vgs_ckpt.vgs import VarianceGradientScaler
+from vgs_ckpt.vgs_state import KEY as VGS_KEY
 
 __all__ = ["TorchLearner"]
 

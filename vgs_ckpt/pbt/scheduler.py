@@ -7,16 +7,15 @@ import logging
 import math
 import os
 import random
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from vgs_ckpt import codec
+from vgs_ckpt import reader
 from vgs_ckpt.checkpoint import Checkpoint
-from vgs_ckpt.errors import CheckpointNotFoundError, UsageError, VgsCkptError
+from vgs_ckpt.errors import CheckpointNotFoundError, UsageError, VgsCkptError, warn
 from vgs_ckpt.models import CheckpointFormat, CheckpointV2, ExploitSource, Lineage
 from vgs_ckpt.pbt.store import CheckpointRef, CheckpointStore, check_member_id
 from vgs_ckpt.pbt.transfer import OptimizerStrategy, exploit
@@ -207,7 +206,7 @@ class PBTScheduler:
         headers = []
         for path in self.store._paths(member_id):  # in write order
             try:
-                headers.append(codec.read_header(path))
+                headers.append(reader.read_header(path))
             except VgsCkptError as exc:
                 logger.warning("resume: skipping unreadable %s (%s)", path, exc)
         if not headers:
@@ -293,8 +292,7 @@ class PBTScheduler:
             message = ("update_performance(model_state_dict=...) is deprecated: it saves only "
                        "the policy weights (v1_policy_only), so an exploit loses the optimizer "
                        "and VGS state; pass model_parameters=model.get_parameters()")
-            warnings.warn(message, DeprecationWarning, stacklevel=2)
-            logger.warning(message)
+            warn(message, DeprecationWarning)
             return self.store.save(m.member_id, model_state_dict, step=step, performance=perf,
                                    format=CheckpointFormat.V1_POLICY_ONLY)
         return None

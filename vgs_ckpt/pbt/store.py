@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from vgs_ckpt import codec
+from vgs_ckpt import reader, writer
 from vgs_ckpt._atomic import atomic_write, sweep_tree
 from vgs_ckpt.checkpoint import Checkpoint
 from vgs_ckpt.errors import CheckpointNotFoundError, UsageError, VgsCkptError
@@ -106,16 +106,15 @@ class CheckpointStore:
              ) -> CheckpointRef:
         """Save one checkpoint of a member atomically, then apply retention."""
         path = self.member_dir(member_id) / f"step_{step:012d}.safetensors"
-        v2 = format == CheckpointFormat.V2_FULL_PARAMETERS  # a StrEnum: str or member
-        codec.save(path, parameters, step=step, performance=performance, member_id=member_id,
-                   hyperparams=hyperparams if v2 else None, lineage=lineage if v2 else None,
-                   format=format, durable=self.durable)
+        writer.save(path, parameters, step=step, performance=performance, member_id=member_id,
+                    hyperparams=hyperparams, lineage=lineage, format=format,
+                    durable=self.durable)
         self._prune(member_id)
         return CheckpointRef(member_id, step, path, performance)
 
     def _ref(self, member_id: str, path: Path) -> CheckpointRef | None:
         try:
-            header = codec.read_header(path)
+            header = reader.read_header(path)
         except CheckpointNotFoundError:
             return None  # pruned by another process meanwhile
         return CheckpointRef(member_id, header.step, path, header.performance)
@@ -207,7 +206,7 @@ class CheckpointStore:
             if ref is None:
                 raise CheckpointNotFoundError(f"member {member_id!r} has no checkpoint")
             try:
-                return codec.load(ref.path, **load_kwargs), ref
+                return reader.load(ref.path, **load_kwargs), ref
             except CheckpointNotFoundError:
                 continue
         raise VgsCkptError(f"member {member_id!r}'s checkpoints kept changing")

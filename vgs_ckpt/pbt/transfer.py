@@ -8,20 +8,20 @@ from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from vgs_ckpt import codec
-from vgs_ckpt._header import VGS_KEY
+from vgs_ckpt import reader
 from vgs_ckpt.errors import UsageError
 from vgs_ckpt.models import CheckpointFormat, ExploitSource
 from vgs_ckpt.pbt.store import CheckpointStore
-from vgs_ckpt.upgrade import upgrade
-from vgs_ckpt.vgs import VGS_KNOBS
+from vgs_ckpt.upgrades import upgrade
+from vgs_ckpt.vgs_state import HYPERPARAM_PREFIX as VGS_HYPERPARAM_PREFIX
+from vgs_ckpt.vgs_state import KEY as VGS_KEY
+from vgs_ckpt.vgs_state import KNOBS as VGS_KNOBS
 
 __all__ = ["VGS_HYPERPARAM_PREFIX", "ExploitResult", "OptimizerStrategy", "apply_hyperparams",
            "exploit", "optimizer_state_paths", "reset_optimizer_state", "update_param_group"]
 
 logger = logging.getLogger("vgs_ckpt")
 OptimizerStrategy = Literal["copy", "reset"]
-VGS_HYPERPARAM_PREFIX = "vgs_"
 _ALIASES = {"learning_rate": "lr"}
 
 
@@ -136,7 +136,7 @@ def exploit(store: CheckpointStore, recipient_id: str, donor_id: str,
         raise UsageError(f"optimizer_strategy must be 'copy' or 'reset', got "
                          f"{optimizer_strategy!r}")
     ref = store.checkout(donor_id, recipient_id)
-    ckpt = codec.load(ref.path, map_location=map_location, upgrade=False)
+    ckpt = reader.load(ref.path, map_location=map_location, upgrade=False)
     fmt = ckpt.format
     if fmt is CheckpointFormat.V1_POLICY_ONLY:
         # Only the policy travels; the recipient keeps whatever else it has, exactly

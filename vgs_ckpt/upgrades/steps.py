@@ -1,36 +1,27 @@
-"""Ordered, pure, named migration steps: format versions and VGS state versions.
+"""The migration steps, and :func:`upgrade_tree`, the driver that applies them.
 
-Each step takes an :class:`Upgrading` value and returns a new one; nothing is
-mutated in place. The driver :func:`upgrade` applies the steps in registry
-order and reports which ones ran.
+Each step is pure and named: it takes an :class:`Upgrading` value (a parameter
+tree with its format) and returns a new one; nothing is mutated in place.
+:func:`upgrade_tree` applies the format steps, then the VGS state steps, in
+registry order, and reports which ones ran.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
-import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from vgs_ckpt._header import VGS_KEY, VGS_TENSOR_KEYS
-from vgs_ckpt.errors import UnsupportedVersionError
-from vgs_ckpt.models import FORMAT_ORDER, VGS_VERSIONS, CheckpointFormat
+from vgs_ckpt import vgs_state
+from vgs_ckpt.errors import UnsupportedVersionError, UsageError
+from vgs_ckpt.models import FORMAT_ORDER, CheckpointFormat
+from vgs_ckpt.vgs_state import KEY as VGS_KEY
 
-__all__ = ["FORMAT_STEPS", "VGS_STEPS", "LegacyFormatWarning", "MigrationStep", "Upgrading",
-           "upgrade_tree", "vgs_version_of"]
-
-logger = logging.getLogger("vgs_ckpt")
-LATEST_VGS = VGS_VERSIONS[-1]
-# Defaults of the config keys that VGS 3.2 added.
-VGS_3_2_DEFAULTS = {"min_scaling_factor": 0.1, "variance_cap": 50.0}
-
-
-class LegacyFormatWarning(UserWarning):
-    """A checkpoint in a legacy format (or with an old VGS state) was upgraded on load."""
+__all__ = ["FORMAT_STEPS", "VGS_STEPS", "MigrationStep", "Upgrading", "check_target",
+           "upgrade_tree", "upgrade_vgs_state"]
 
 
 @dataclass(frozen=True)
@@ -51,16 +42,6 @@ class MigrationStep:
     source: str
     target: str
     apply: Callable[[Upgrading], Upgrading]
-
-
-def vgs_version_of(state: Mapping[str, Any]) -> str:
-    """The version of a VGS state_dict; a state without ``vgs_version`` is "1.0"."""
-    version = state.get("vgs_version", "1.0")
-    if version not in VGS_VERSIONS:
-        raise UnsupportedVersionError(
-            f"VGS state version {version!r} is not one this library knows "
-            f"({', '.join(VGS_VERSIONS)}); upgrade vgs_ckpt")
-    return str(version)
 
 
 def _vgs(state: Upgrading) -> dict[str, Any]:
@@ -98,9 +79,9 @@ def v1_policy_only_to_v2_full_parameters(state: Upgrading) -> Upgrading:
 def _drop_stale_emas(state: Upgrading, version: str) -> Upgrading:
     old = _vgs(state)
     record = {"vgs_version": version, "step_count": old.get("step_count")}
-    record.update({key: _json_floats(old[key]) for key in VGS_TENSOR_KEYS if key in old})
+    record.update({key: _json_floats(old[key]) for key in vgs_state.TENSOR_KEYS if key in old})
     new = {**old, "vgs_version": "3.1", "step_count": 0}
-    for key in VGS_TENSOR_KEYS:
+    for key in vgs_state.TENSOR_KEYS:
         new[key] = None
     return _with_vgs(state, new, {"vgs": record})
 
@@ -142,8 +123,8 @@ def vgs_3_1_to_3_2(state: Upgrading) -> Upgrading:
     """
     old = _vgs(state)
     new = {**old, "vgs_version": "3.2"}
-    for key, default in VGS_3_2_DEFAULTS.items():
-        new.setdefault(key, default)
+    for key in vgs_state.ADDED_IN_3_2:
+        new.setdefault(key, vgs_state.DEFAULTS[key])
     return _with_vgs(state, new)
 
 
@@ -159,18 +140,29 @@ VGS_STEPS: tuple[MigrationStep, ...] = (
 )
 
 
-def upgrade_tree(state: Upgrading, target: CheckpointFormat = FORMAT_ORDER[-1]
+def check_target(target: CheckpointFormat | str) -> CheckpointFormat:
+    """``target`` as a format, or a :class:`UsageError` naming the known ones."""
+    try:
+        return CheckpointFormat(target)
+    except ValueError:
+        raise UsageError(f"unknown target format {target!r}; expected one of "
+                         f"{', '.join(FORMAT_ORDER)}") from None
+
+
+def upgrade_tree(state: Upgrading, target: CheckpointFormat | str = FORMAT_ORDER[-1]
                  ) -> tuple[Upgrading, list[str]]:
-    """Apply every format step up to ``target``, then (for v2) every VGS step up to 3.2.
+    """Apply every format step up to ``target``, then (for v2) every VGS step up to the
+    latest VGS version.
 
     Returns:
         The upgraded value and the names of the steps applied, in order.
 
     Raises:
+        UsageError: ``target`` is not a format.
         UnsupportedVersionError: ``target`` is older than the checkpoint, or the VGS
             state has a version this library does not know.
     """
-    target = CheckpointFormat(target)
+    target = check_target(target)
     if FORMAT_ORDER.index(state.format) > FORMAT_ORDER.index(target):
         raise UnsupportedVersionError(f"cannot downgrade {state.format.value} to "
                                       f"{target.value}; only upgrades are supported")
@@ -183,15 +175,15 @@ def upgrade_tree(state: Upgrading, target: CheckpointFormat = FORMAT_ORDER[-1]
     if state.format is CheckpointFormat.V2_FULL_PARAMETERS:
         for step in VGS_STEPS:
             vgs = state.parameters.get(VGS_KEY)
-            if isinstance(vgs, Mapping) and vgs_version_of(vgs) == step.source:
+            if isinstance(vgs, Mapping) and vgs_state.version_of(vgs) == step.source:
                 state = step.apply(state)
                 applied.append(step.name)
     return state, applied
 
 
-def warn_upgraded(where: str, original: str, applied: list[str]) -> None:
-    """Log and warn that a legacy checkpoint was upgraded in memory."""
-    message = (f"{where}: legacy checkpoint format {original!r} upgraded in memory "
-               f"({', '.join(applied)}); run `vgs-ckpt upgrade` to convert the file")
-    logger.warning(message)
-    warnings.warn(message, LegacyFormatWarning, stacklevel=3)
+def upgrade_vgs_state(state: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """A VGS state_dict of any known version, upgraded to the latest, and the steps
+    applied."""
+    upgraded, applied = upgrade_tree(Upgrading(CheckpointFormat.V2_FULL_PARAMETERS,
+                                               {VGS_KEY: dict(state)}))
+    return dict(upgraded.parameters[VGS_KEY]), applied

@@ -1,4 +1,5 @@
-"""Converting checkpoint files on disk to the latest format (``vgs-ckpt upgrade``)."""
+"""The ``vgs-ckpt upgrade`` command: converting checkpoint files on disk to the latest
+format, in place (keeping a backup) or into another directory."""
 
 from __future__ import annotations
 
@@ -9,11 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from vgs_ckpt import _header, codec
+from vgs_ckpt import reader, writer
 from vgs_ckpt._atomic import atomic_write
-from vgs_ckpt.detect import sniff_container
-from vgs_ckpt.errors import CheckpointIOError, FormatError, UsageError, VgsCkptError
-from vgs_ckpt.upgrade import upgrade
+from vgs_ckpt.errors import CheckpointIOError, UsageError, VgsCkptError
+from vgs_ckpt.upgrades.checkpoint import upgrade
 
 __all__ = ["FileResult", "find_checkpoints", "upgrade_file", "upgrade_files"]
 
@@ -56,10 +56,10 @@ def find_checkpoints(paths: Iterable[str | os.PathLike[str]]) -> Iterator[tuple[
 
 
 def _sniffs(path: Path) -> bool:
+    """Whether a file without a known suffix is a checkpoint (by its first bytes)."""
     try:
-        with open(path, "rb") as handle:
-            sniff_container(handle.read(64), str(path))
-    except (OSError, FormatError):
+        reader.container_of(path)
+    except (OSError, VgsCkptError):
         return False
     return True
 
@@ -91,7 +91,7 @@ def upgrade_file(source: Path, target: Path | None, *, dry_run: bool = False) ->
     """Upgrade one file into ``target`` (None: in place, keeping a backup)."""
     original = "?"
     try:
-        loaded = codec.load(source, upgrade=False)
+        loaded = reader.load(source, upgrade=False)
         original = f"{loaded.format.value} ({loaded.container})"
         upgraded, steps = upgrade(loaded)
         final = upgraded.format.value
@@ -106,9 +106,7 @@ def upgrade_file(source: Path, target: Path | None, *, dry_run: bool = False) ->
                 atomic_write(target, lambda f: _copy_into(source, f))
             return FileResult(source, done, original, final, (), "up to date")
         backup = _backup_path(source) if target is None else None
-        header = upgraded.header
-        codec.save(done, upgraded.parameters, **_header.bookkeeping(header),
-                   format=header.format_version, provenance=header.provenance)
+        writer.save(done, upgraded.parameters, **upgraded.save_fields())
         return FileResult(source, done, original, final, tuple(steps), "upgraded", backup)
     except (VgsCkptError, OSError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
