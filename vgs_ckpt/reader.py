@@ -459,14 +459,17 @@ def detect_format(path_or_bytes: str | os.PathLike[str] | bytes | bytearray | me
 
 
 def _finish(reader: CheckpointReader, upgrade: bool) -> Checkpoint:
+    """The whole tree of an open reader as a Checkpoint, upgraded when asked."""
     parameters = reader.load()
     if not isinstance(parameters, dict):
         raise FormatError(f"{reader.where}: the root of the tree is not a dict node; the "
                           "file is corrupt")
     header = reader.header
     if reader.container == "safetensors" and isinstance(header, CheckpointV2):
-        # The header's summary must describe the stored state (no bytes involved).
-        found = vgs_state.summary(parameters, header.tree, reader.where, FormatError)
+        # The header's summary must describe the stored state (no bytes involved);
+        # parsing the header already reported invalid settings.
+        found = vgs_state.summary(parameters, header.tree, reader.where,
+                                  FormatError if upgrade else None, quiet=True)
         if not vgs_state.same_summary(found, header.vgs):
             raise FormatError(f"{reader.where}: the header's VGS summary does not match the "
                               f"stored {vgs_state.KEY!r}; the file is corrupt")

@@ -79,13 +79,14 @@ def version_of(state: Mapping[str, Any], where: str = "") -> str:
 
 
 def check(fields: Mapping[str, Any], where: str, error: type[VgsCkptError] | None,
-          fix: str = "", what: str = f"invalid VGS state: {KEY}") -> VGSState:
+          fix: str = "", what: str = f"invalid VGS state: {KEY}", quiet: bool = False
+          ) -> VGSState:
     """``fields`` as a :class:`VGSState`, validated; ``what`` ("label: field prefix")
     heads the error message.
 
     Invalid fields raise ``error`` (with ``fix`` appended), or, with ``error=None``,
-    give an :class:`InvalidVGSStateWarning` naming them and come back unvalidated,
-    exactly as given.
+    give an :class:`InvalidVGSStateWarning` naming them (unless ``quiet``) and come
+    back unvalidated, exactly as given.
     """
     try:
         return VGSState.model_validate(fields)
@@ -94,18 +95,20 @@ def check(fields: Mapping[str, Any], where: str, error: type[VgsCkptError] | Non
         problem = f"{where}: {label}: {describe_validation(exc, prefix)}"
         if error is not None:
             raise error(f"{problem}{'; ' + fix if fix else ''}") from None
-        warn(f"{problem}; returned as stored - fix parameters[{KEY!r}] before saving or "
-             "upgrading it", InvalidVGSStateWarning)
+        if not quiet:
+            warn(f"{problem}; returned as stored - fix parameters[{KEY!r}] before saving or "
+                 "upgrading it", InvalidVGSStateWarning)
         return VGSState.model_construct(**{name: fields.get(name)
                                            for name in VGSState.model_fields})
 
 
 def summary(parameters: Mapping[Any, Any], tree: Mapping[str, Any], where: str,
-            error: type[VgsCkptError] | None = UsageError, fix: str = "") -> VGSState | None:
+            error: type[VgsCkptError] | None = UsageError, fix: str = "",
+            quiet: bool = False) -> VGSState | None:
     """The header's ``vgs`` field for ``parameters[KEY]``, or None when there is none.
 
-    ``tree`` is the encoded tree (it names the per-parameter tensors). ``error`` and
-    ``fix`` are as for :func:`check`.
+    ``tree`` is the encoded tree (it names the per-parameter tensors). ``error``,
+    ``fix`` and ``quiet`` are as for :func:`check`.
     """
     state = parameters.get(KEY)
     if state is None:
@@ -126,7 +129,7 @@ def summary(parameters: Mapping[Any, Any], tree: Mapping[str, Any], where: str,
     for key in TENSOR_KEYS:
         node = nodes.get(key)
         fields[key] = node["tensor"] if type(node) is dict and "tensor" in node else None
-    return check(fields, where, error, fix)
+    return check(fields, where, error, fix, quiet=quiet)
 
 
 def _vgs_items(tree: Mapping[str, Any]) -> list[tuple[Any, Any]]:
