@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +31,7 @@ from typing import Any
 
 import safetensors.torch
 import torch
+import xxhash
 
 import vgs_ckpt
 
@@ -190,6 +192,91 @@ def run(size: int, repeat: int, directory: Path) -> dict[str, Any]:
             "file_bytes": (directory / "v.safetensors").stat().st_size}
 
 
+class HashedBytes:
+    """Counts the bytes vgs_ckpt hashes, by wrapping the xxhash function it calls."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+        self._real = xxhash.xxh3_128_hexdigest
+
+    def __enter__(self) -> HashedBytes:
+        def counting(data: Any) -> str:
+            self.bytes += memoryview(data).nbytes
+            return self._real(data)
+        xxhash.xxh3_128_hexdigest = counting
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        xxhash.xxh3_128_hexdigest = self._real
+
+
+def lazy_policy(path: Path) -> tuple[int, int]:
+    """Open a file and read (verify, touch) only the policy; (bytes read, bytes hashed)."""
+    with HashedBytes() as hashed, vgs_ckpt.open(path) as reader:
+        touch(reader["policy"])
+        return reader.bytes_read, hashed.bytes
+
+
+def legacy_load(path: Path) -> int:
+    """Load a torch.save file through vgs_ckpt (upgraded); the bytes hashed."""
+    with HashedBytes() as hashed, warnings.catch_warnings():
+        warnings.simplefilter("ignore", vgs_ckpt.LegacyFormatWarning)
+        touch(vgs_ckpt.load(path).parameters)
+    return hashed.bytes
+
+
+READS: dict[str, Callable[[Path], Any]] = {
+    "load vgs_ckpt verify": lambda d: touch(vgs_ckpt.load(d / "v.safetensors").parameters),
+    "open + policy only (lazy, verify)": lambda d: lazy_policy(d / "v.safetensors"),
+    "load torch.save file with vgs_ckpt": lambda d: legacy_load(d / "t.pt"),
+    "load torch.save file with torch.load": lambda d: touch(
+        torch.load(d / "t.pt", weights_only=True)),
+    "load torch.save file with torch.load mmap=True": lambda d: touch(
+        torch.load(d / "t.pt", weights_only=True, mmap=True)),
+}
+
+
+def reading(size: int, repeat: int, directory: Path) -> dict[str, Any]:
+    """The read paths of issue #12: a lazy policy read, and a legacy file's load, with
+    the bytes each one hashes."""
+    tree = member(size)
+    nbytes = sum(t.numel() * t.element_size() for t in flat(tree).values())
+    policy_bytes = sum(t.numel() * t.element_size() for t in flat(tree["policy"]).values())
+    vgs_ckpt.save(directory / "v.safetensors", tree, step=150)
+    torch.save(tree, directory / "t.pt")
+    del tree
+    times: dict[str, list[float]] = {op: [] for op in READS}
+    for _ in range(repeat):
+        for op, fn in READS.items():
+            times[op].append(timed(lambda fn=fn: fn(directory)))
+    with HashedBytes() as full:
+        vgs_ckpt.load(directory / "v.safetensors")
+    read, lazy_hashed = lazy_policy(directory / "v.safetensors")
+    return {"params": size, "tensor_bytes": nbytes, "policy_bytes": policy_bytes,
+            "median_s": {op: statistics.median(ts) for op, ts in times.items()},
+            "hashed": {"load vgs_ckpt verify": full.bytes,
+                       "open + policy only (lazy, verify)": lazy_hashed,
+                       "load torch.save file with vgs_ckpt": legacy_load(directory / "t.pt")},
+            "lazy_bytes_read": read}
+
+
+def report_reading(result: dict[str, Any]) -> str:
+    m, nbytes = result["median_s"], result["tensor_bytes"]
+    full, legacy = m["load vgs_ckpt verify"], m["load torch.save file with torch.load"]
+    lines = [f"### Reading, {result['params'] / 1e6:.0f}M policy parameters "
+             f"({nbytes / 2**20:.0f} MiB of tensors)", "",
+             "| operation | time ratio | tensor bytes read / all | bytes hashed / bytes read |",
+             "| --- | --- | --- | --- |"]
+    for op, seconds in m.items():
+        ref, label = (legacy, "torch.load") if "torch.save file" in op else (full, "full load")
+        read = result["lazy_bytes_read"] if op.startswith("open") else nbytes
+        hashed = result["hashed"].get(op)
+        lines.append(f"| {op} | {seconds / ref:.2f}x {label} | {read / nbytes:.2f} | "
+                     f"{'-' if hashed is None else f'{hashed / read:.2f}'} |")
+    lines += ["", f"- the policy is {result['policy_bytes'] / nbytes:.2f} of the tensor bytes"]
+    return "\n".join(lines)
+
+
 def report(result: dict[str, Any]) -> str:
     m, nbytes = result["median_s"], result["tensor_bytes"]
     lines = [f"### {result['params'] / 1e6:.0f}M policy parameters "
@@ -230,6 +317,8 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=["16M", "128M"])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--dir", default=None, help="where to write (default: a temp dir)")
+    parser.add_argument("--only", choices=["codec", "reading"], default=None,
+                        help="run one section (default: all)")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -238,7 +327,11 @@ def main() -> None:
     print(f"machine: {machine()}\n", flush=True)
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         for size in args.sizes:
-            print(report(run(parse_size(size), args.repeat, Path(tmp))), "\n", flush=True)
+            if args.only in (None, "codec"):
+                print(report(run(parse_size(size), args.repeat, Path(tmp))), "\n", flush=True)
+            if args.only in (None, "reading"):
+                print(report_reading(reading(parse_size(size), args.repeat, Path(tmp))), "\n",
+                      flush=True)
 
 
 if __name__ == "__main__":

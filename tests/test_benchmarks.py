@@ -54,3 +54,15 @@ def test_bootstrap_interval_covers_the_mean() -> None:
     assert metrics["auc_mean"] == 4.5
     assert metrics["steps_to_threshold"] == 200
     assert metrics["dip"] == -1.0 and metrics["mismatched_exploits"] == 1.0
+
+
+def test_codec_benchmark_reading_section_runs(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "codec.py"), "--sizes",
+                          "200K", "--repeat", "1", "--only", "reading", "--dir", str(tmp_path)],
+                         check=True, capture_output=True, text=True, timeout=300).stdout
+    rows = {line.split("|")[1].strip(): line.split("|")[2:] for line in out.splitlines()
+            if line.startswith("| ") and "---" not in line}
+    lazy = rows["open + policy only (lazy, verify)"]
+    assert 0.2 < float(lazy[1]) < 0.5  # about a third of the bytes: the policy
+    assert float(lazy[2]) == 1.0  # each byte read is hashed once
+    assert float(rows["load torch.save file with vgs_ckpt"][2]) == 0.0  # legacy: none
