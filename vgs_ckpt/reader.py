@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any, NamedTuple
+from typing import IO, Any, NamedTuple
 
 import numpy as np
 import torch
@@ -35,6 +35,7 @@ from vgs_ckpt._container import (
     read_container,
     sniff_source,
 )
+from vgs_ckpt._dtypes import BY_CODE, BY_TORCH
 from vgs_ckpt._tree import Decoder
 from vgs_ckpt.checkpoint import Checkpoint
 from vgs_ckpt.errors import (
@@ -75,8 +76,6 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        from vgs_ckpt._dtypes import BY_CODE
-
         numel = 1
         for dim in self.shape:
             numel *= dim
@@ -181,8 +180,10 @@ class CheckpointReader:
 
     def __init__(self, source: Source, *, path: str | None, device: torch.device,
                  verify: bool, readahead: bool, vgs_error: type[VgsCkptError] | None = None,
-                 legacy_data: str | bytes | bytearray | memoryview | None = None) -> None:
+                 legacy_data: str | bytes | bytearray | memoryview | None = None,
+                 handle: IO[bytes] | None = None) -> None:
         self.path = path
+        self._handle = handle  # closed with the reader
         self.where = source.where
         self._device, self._verify = device, verify
         self._verified: set[str] = set()
@@ -338,9 +339,8 @@ class CheckpointReader:
     def close(self) -> None:
         """Release the file (tensors already read stay valid)."""
         self._closed = True
-        handle = getattr(self, "_handle", None)
-        if handle is not None:
-            handle.close()
+        if self._handle is not None:
+            self._handle.close()
 
     def __enter__(self) -> CheckpointReader:
         return self
@@ -351,8 +351,10 @@ class CheckpointReader:
 
 
 def _specs(node: Any) -> Any:
+    """A loaded tree's structure (a legacy file's: its tensors have no stored names)."""
     if isinstance(node, torch.Tensor):
-        return TensorSpec("", str(node.dtype).removeprefix("torch."), tuple(node.shape))
+        dtype = BY_TORCH.get(node.dtype)
+        return TensorSpec("", dtype.code if dtype else str(node.dtype), tuple(node.shape))
     if isinstance(node, dict):
         return type(node)((k, _specs(v)) for k, v in node.items())
     if isinstance(node, list | tuple):
@@ -382,13 +384,11 @@ def open(path: str | os.PathLike[str], *, map_location: str | torch.device | Non
     where = _where(path)
     handle = open_file(path)
     try:
-        reader = CheckpointReader(FileSource(handle, where), path=where, device=device,
-                                  verify=verify, readahead=False)
+        return CheckpointReader(FileSource(handle, where), path=where, device=device,
+                                verify=verify, readahead=False, handle=handle)
     except BaseException:
         handle.close()
         raise
-    reader._handle = handle  # type: ignore[attr-defined]  # closed with the reader
-    return reader
 
 
 def _where(path: Any) -> str:
