@@ -8,6 +8,7 @@ in-memory upgrade, the ``vgs-ckpt upgrade`` command), :mod:`~vgs_ckpt.vgs_state`
 """
 
 from vgs_ckpt._version import __version__
+from vgs_ckpt.async_save import SaveHandle, save_async
 from vgs_ckpt.checkpoint import Checkpoint
 from vgs_ckpt.errors import (
     CheckpointIOError,
@@ -67,6 +68,7 @@ __all__ = [
     "Lineage",
     "MissingDependencyError",
     "Provenance",
+    "SaveHandle",
     "TensorInfo",
     "TensorSpec",
     "UnsafeCheckpointError",
@@ -82,6 +84,7 @@ __all__ = [
     "open",
     "read_header",
     "save",
+    "save_async",
     "save_bytes",
     "upgrade",
 ]

@@ -126,6 +126,9 @@ class PBTConfig:
     # checkpoint_dir/_previous_runs/<time>/ and start over; nothing is deleted).
     # "never" is the same as "fresh".
     resume: Literal["refuse", "auto", "must", "fresh", "never"] = "refuse"
+    # Save in the background (vgs_ckpt.save_async): update_performance returns once the
+    # tensors are snapshotted; an exploit of a donor waits for the donor's pending save.
+    async_save: bool = False
 
     def __post_init__(self) -> None:
         checks = [
@@ -179,7 +182,8 @@ class PBTScheduler:
         self.rng = random.Random(config.seed)
         root = Path(config.checkpoint_dir)
         self.store = CheckpointStore(root, keep_last=config.keep_last,
-                                     keep_best=config.keep_best, mode=config.metric_mode)
+                                     keep_best=config.keep_best, mode=config.metric_mode,
+                                     async_save=config.async_save)
         existing = self.store.member_ids()
         self.moved_to: Path | None = None
         if existing and config.resume == "refuse":
@@ -296,6 +300,11 @@ class PBTScheduler:
             return self.store.save(m.member_id, model_state_dict, step=step, performance=perf,
                                    format=CheckpointFormat.V1_POLICY_ONLY)
         return None
+
+    def flush(self) -> None:
+        """Wait for every background save (``PBTConfig(async_save=True)``); raise the
+        first that failed. Call it before reading the checkpoints from elsewhere."""
+        self.store.flush()
 
     def ready(self, member: PopulationMember | str) -> bool:
         """Whether the member trained ``perturbation_interval`` steps since it was last

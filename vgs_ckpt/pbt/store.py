@@ -4,22 +4,27 @@ retention, latest/best lookup, and exploit-time checkout by hard link."""
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import re
 import shutil
+import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from vgs_ckpt import reader, writer
 from vgs_ckpt._atomic import atomic_write, sweep_tree
+from vgs_ckpt.async_save import AsyncSaver, SaveHandle, default_saver
 from vgs_ckpt.checkpoint import Checkpoint
 from vgs_ckpt.errors import CheckpointNotFoundError, UsageError, VgsCkptError
 from vgs_ckpt.models import CheckpointFormat, Lineage
 
 __all__ = ["CheckpointRef", "CheckpointStore", "check_member_id"]
 
+logger = logging.getLogger("vgs_ckpt")
 _MEMBER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _FILE = re.compile(r"^step_(\d{12})\.safetensors$")
 _EXPLOITS = "_exploits"
@@ -46,6 +51,8 @@ class CheckpointRef:
     step: int
     path: Path
     performance: float | None
+    # For a save still running in the background (``async_save=True``): its handle.
+    pending: SaveHandle | None = field(default=None, compare=False, repr=False)
 
 
 class CheckpointStore:
@@ -64,13 +71,24 @@ class CheckpointStore:
     Opening a store removes the temp files that killed writers left behind
     (:func:`sweep`); a temp file a live writer still holds is never touched.
 
+    With ``async_save=True``, :meth:`save` returns once the tensors are snapshotted
+    (``vgs_ckpt.save_async``; ``saver`` defaults to the process-wide one) and the
+    write, and then retention, run in the background. Every read of a member
+    through this store (``latest``, ``best``, ``checkpoints``, ``checkout``,
+    ``load_latest``) first waits for that member's saves pending in this process, so
+    an exploit always gets the donor's newest state. A background save that failed is
+    skipped (the member's last committed file is used, with a warning); :meth:`flush`
+    and the save's handle (``ref.pending``) raise its error. Other processes see a
+    file only once it is complete, as with synchronous saves.
+
     Example:
         >>> store = CheckpointStore("ckpts", keep_last=2, keep_best=1)
         >>> store.save("3", model.get_parameters(), step=150, performance=0.9)
     """
 
     def __init__(self, root: str | os.PathLike[str], *, keep_last: int = 2, keep_best: int = 1,
-                 mode: Literal["max", "min"] = "max", durable: bool = True) -> None:
+                 mode: Literal["max", "min"] = "max", durable: bool = True,
+                 async_save: bool = False, saver: AsyncSaver | None = None) -> None:
         if keep_last < 1 or keep_best < 0:
             raise UsageError(f"keep_last must be >= 1 and keep_best >= 0, got {keep_last} "
                              f"and {keep_best}")
@@ -79,6 +97,11 @@ class CheckpointStore:
         self.root = Path(root)
         self.keep_last, self.keep_best, self.mode = keep_last, keep_best, mode
         self.durable = durable
+        self.async_save = async_save
+        self._saver = saver
+        self._done = threading.Condition()  # notified when a background save is settled
+        self._pending: dict[str, list[SaveHandle]] = {}
+        self._failed: list[BaseException] = []
         self.root.mkdir(parents=True, exist_ok=True)
         self.swept: list[Path] = self.sweep()  # what this open removed
 
@@ -89,6 +112,7 @@ class CheckpointStore:
 
     def member_ids(self) -> list[str]:
         """The ids of the members that have at least one checkpoint, sorted."""
+        self._wait()
         ids = []
         for entry in os.scandir(self.root):
             if entry.is_dir(follow_symlinks=False) and _MEMBER_ID.match(entry.name) \
@@ -104,13 +128,57 @@ class CheckpointStore:
              lineage: Lineage | None = None,
              format: CheckpointFormat | str = CheckpointFormat.V2_FULL_PARAMETERS
              ) -> CheckpointRef:
-        """Save one checkpoint of a member atomically, then apply retention."""
+        """Save one checkpoint of a member atomically, then apply retention (in the
+        background, after the commit, with ``async_save``)."""
         path = self.member_dir(member_id) / f"step_{step:012d}.safetensors"
-        writer.save(path, parameters, step=step, performance=performance, member_id=member_id,
-                    hyperparams=hyperparams, lineage=lineage, format=format,
-                    durable=self.durable)
-        self._prune(member_id)
-        return CheckpointRef(member_id, step, path, performance)
+        fields: dict[str, Any] = {
+            "step": step, "performance": performance, "member_id": member_id,
+            "hyperparams": hyperparams, "lineage": lineage, "format": format,
+            "durable": self.durable}
+        if not self.async_save:
+            writer.save(path, parameters, **fields)
+            self._prune(member_id)
+            return CheckpointRef(member_id, step, path, performance)
+        handle = (self._saver or default_saver()).save(path, parameters, **fields)
+        with self._done:
+            self._pending.setdefault(member_id, []).append(handle)
+        handle._future.add_done_callback(lambda f: self._committed(member_id, handle, f))
+        return CheckpointRef(member_id, step, path, performance, handle)
+
+    def _committed(self, member_id: str, handle: SaveHandle, future: Future[Any]) -> None:
+        """On the writer thread, after a background save: retention, or note the error.
+        The save counts as settled (for :meth:`_wait`) only after this."""
+        error = future.exception()
+        try:
+            if error is None:
+                self._prune(member_id)
+            else:  # the member's last committed file stays its latest
+                logger.warning("background save of %s failed (%s); the member's last "
+                               "committed checkpoint stays its latest", handle.path, error)
+        except (OSError, VgsCkptError) as exc:  # retention is retried at the next save
+            logger.warning("retention for member %s failed: %s", member_id, exc)
+        finally:
+            with self._done:
+                if error is not None:
+                    self._failed.append(error)
+                self._pending[member_id].remove(handle)
+                self._done.notify_all()
+
+    def _wait(self, member_id: str | None = None) -> None:
+        """Wait until this process's saves of a member (or of all members) are settled:
+        committed and pruned, or failed."""
+        with self._done:
+            self._done.wait_for(lambda: not any(
+                handles for m, handles in self._pending.items() if member_id in (None, m)))
+
+    def flush(self) -> None:
+        """Wait for every pending background save of this store; raise the first
+        error of any that failed since the last flush."""
+        self._wait()
+        with self._done:
+            failed, self._failed = self._failed, []
+        if failed:
+            raise failed[0]
 
     def _ref(self, member_id: str, path: Path) -> CheckpointRef | None:
         try:
@@ -122,6 +190,10 @@ class CheckpointStore:
     def checkpoints(self, member_id: str) -> list[CheckpointRef]:
         """The member's checkpoints, in the order they were written, oldest first
         (headers are read, not tensors)."""
+        self._wait(member_id)
+        return self._refs(member_id)
+
+    def _refs(self, member_id: str) -> list[CheckpointRef]:
         refs = (self._ref(member_id, path) for path in self._paths(member_id))
         return [ref for ref in refs if ref is not None]
 
@@ -143,6 +215,7 @@ class CheckpointStore:
 
     def latest(self, member_id: str) -> CheckpointRef | None:
         """The member's most recently written checkpoint, or None."""
+        self._wait(member_id)
         for path in reversed(self._paths(member_id)):
             ref = self._ref(member_id, path)
             if ref is not None:
@@ -161,7 +234,7 @@ class CheckpointStore:
         return ranked[0] if ranked else None
 
     def _prune(self, member_id: str) -> None:
-        refs = self.checkpoints(member_id)
+        refs = self._refs(member_id)  # not checkpoints(): this may run on the writer thread
         keep = {r.path for r in refs[-self.keep_last:]}
         keep |= {r.path for r in self._best_first(refs)[:self.keep_best]}
         for ref in refs:

@@ -1,0 +1,351 @@
+"""Non-blocking saves: snapshot the tensors, then write on a background thread.
+
+:func:`save_async` takes the same arguments as :func:`vgs_ckpt.save`. It validates
+the tree and the header and copies every tensor into a reusable host buffer (a
+*snapshot*) on the calling thread, and returns a :class:`SaveHandle`. Encoding
+the header, writing, hashing, both fsyncs and the rename then run on one
+background thread, so training may change its tensors as soon as the call
+returns.
+
+Rules (docs/spec.md section 11 and docs/performance.md):
+
+- **Order.** Saves run one at a time on one background thread, in call order. A
+  second save to the same path waits for the first and then replaces its file.
+- **Back-pressure.** At most ``max_pending`` snapshots (default 1) are held in
+  memory; a call that would exceed it waits for the oldest save to finish.
+  Snapshot buffers are kept and reused from save to save (they are resized only
+  when a tree needs more bytes).
+- **Failures.** A save that fails on the background thread raises at
+  :meth:`SaveHandle.result`; like :func:`vgs_ckpt.save`, it leaves the old file
+  (or none), never a partial one.
+- **Exit.** Pending saves finish before the interpreter exits. A process killed
+  with SIGKILL loses its pending saves; their targets keep their old files.
+- **CUDA.** Tensors on a GPU are copied into pinned host buffers with
+  non-blocking copies on a side stream that waits for the current one; the call
+  returns after the copies completed (untested here: the project's machines have
+  no GPU).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from concurrent.futures import Future
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+import torch
+
+from vgs_ckpt import _header
+from vgs_ckpt._atomic import atomic_write
+from vgs_ckpt._tree import Array
+from vgs_ckpt.errors import UsageError
+from vgs_ckpt.models import CheckpointFormat, CheckpointHeader, Lineage, Provenance
+from vgs_ckpt.writer import check_path, write
+
+__all__ = ["AsyncSaver", "SaveHandle", "save_async"]
+
+logger = logging.getLogger("vgs_ckpt")
+_ALIGN = 64  # each array starts at a multiple of this in its snapshot buffer
+
+
+class SaveHandle:
+    """A save running in the background; see :func:`save_async`."""
+
+    def __init__(self, path: str, future: Future[CheckpointHeader], snapshot_seconds: float
+                 ) -> None:
+        self.path = path
+        self._future = future
+        self.snapshot_seconds = snapshot_seconds  # how long the caller was blocked
+
+    def done(self) -> bool:
+        """Whether the save finished (committed, or failed)."""
+        return self._future.done()
+
+    def result(self, timeout: float | None = None) -> CheckpointHeader:
+        """Wait for the save; the header written, or the save's error re-raised.
+
+        Raises:
+            TimeoutError: still running after ``timeout`` seconds.
+            CheckpointIOError, ...: what the background write raised.
+        """
+        return self._future.result(timeout)
+
+    def __repr__(self) -> str:
+        state = "pending" if not self.done() else (
+            "failed" if self._future.exception() else "committed")
+        return f"SaveHandle({self.path!r}, {state})"
+
+
+class _Buffer:
+    """A reusable host buffer that snapshots are copied into."""
+
+    def __init__(self) -> None:
+        self.memory = torch.empty(0, dtype=torch.uint8)
+        self.pinned = False
+
+    def reserve(self, nbytes: int, pinned: bool) -> torch.Tensor:
+        if self.memory.numel() < nbytes or (pinned and not self.pinned):
+            self.memory = torch.empty(0, dtype=torch.uint8)  # free the old one first
+            self.memory = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
+            self.pinned = pinned
+        return self.memory
+
+
+def _offsets(arrays: Mapping[str, Array]) -> tuple[dict[str, int], int]:
+    offsets, total = {}, 0
+    for name, array in arrays.items():
+        offsets[name] = total
+        total += -(-array.nbytes // _ALIGN) * _ALIGN
+    return offsets, total
+
+
+def _snapshot(arrays: Mapping[str, Array], buffer: _Buffer) -> dict[str, memoryview]:
+    """Copy every array into ``buffer``; the bytes of each, as memoryviews of it."""
+    offsets, total = _offsets(arrays)
+    cuda = [a.value for a in arrays.values()
+            if isinstance(a.value, torch.Tensor) and a.value.is_cuda]
+    memory = buffer.reserve(total, pinned=bool(cuda))
+    stream = None
+    if cuda:
+        stream = torch.cuda.Stream(device=cuda[0].device)  # type: ignore[no-untyped-call]
+        stream.wait_stream(torch.cuda.current_stream(cuda[0].device))
+    views: dict[str, memoryview] = {}
+    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+        for name, array in arrays.items():
+            start = offsets[name]
+            raw = memory[start:start + array.nbytes]
+            value = array.value
+            if array.nbytes == 0:
+                pass
+            elif isinstance(value, torch.Tensor):
+                source = value.detach().resolve_conj().resolve_neg()
+                target = raw.view(array.dtype.torch).view(source.shape)
+                target.copy_(source, non_blocking=source.is_cuda)
+            else:
+                numpy_dtype = array.dtype.numpy
+                if numpy_dtype is None:  # the encoder only admits numpy dtypes
+                    raise AssertionError(f"{name}: no numpy dtype for {array.dtype.code}")
+                target_np = raw.numpy().view(numpy_dtype).reshape(array.shape)
+                np.copyto(target_np, np.asarray(value), casting="equiv")
+            views[name] = raw.numpy().data.cast("B")
+    if stream is not None:
+        stream.synchronize()  # the caller may change the originals once we return
+    return views
+
+
+@dataclass
+class _Job:
+    """One snapshotted save waiting for the writer thread."""
+
+    target: str
+    header: CheckpointHeader
+    arrays: Mapping[str, Array]
+    data: dict[str, memoryview]
+    buffer: _Buffer
+    durable: bool
+
+    def run(self) -> CheckpointHeader:
+        written: list[CheckpointHeader] = []
+        atomic_write(self.target,
+                     lambda f: written.append(write(f, self.header, self.arrays, self.data)),
+                     durable=self.durable)
+        return written[0]
+
+
+class AsyncSaver:
+    """One background writer thread with at most ``max_pending`` snapshots in memory.
+
+    :func:`save_async` uses a process-wide default saver; make your own for a
+    different ``max_pending`` (each saver has its own thread and buffers).
+    """
+
+    def __init__(self, max_pending: int = 1) -> None:
+        if type(max_pending) is not int or max_pending < 1:
+            raise UsageError(f"max_pending must be an int >= 1, got {max_pending!r}")
+        self.max_pending = max_pending
+        self._free = [_Buffer() for _ in range(max_pending)]
+        self._slots = threading.Semaphore(max_pending)
+        self._lock = threading.Lock()
+        self._queue: list[tuple[Future[CheckpointHeader], _Job]] = []
+        self._wake = threading.Condition(self._lock)
+        self._thread: threading.Thread | None = None
+        self._pending: set[Future[CheckpointHeader]] = set()
+        self._pending_handles: list[SaveHandle] = []
+        self._closed = False
+
+    def save(self, path: str | os.PathLike[str], parameters: Mapping[Any, Any], *, step: int,
+             performance: float | None = None, member_id: str | None = None,
+             hyperparams: Mapping[str, Any] | None = None,
+             lineage: Lineage | Mapping[str, Any] | None = None,
+             format: CheckpointFormat | str = CheckpointFormat.V2_FULL_PARAMETERS,
+             created_at: datetime | None = None, provenance: Provenance | None = None,
+             durable: bool = True) -> SaveHandle:
+        """:func:`save_async` on this saver."""
+        target = check_path(path, parameters, "save_async")
+        header, arrays = _header.describe(
+            parameters, step=step, performance=performance, member_id=member_id,
+            hyperparams=hyperparams, lineage=lineage, format=format, created_at=created_at,
+            where=target, provenance=provenance, vgs_fix="fix the scaler's configuration")
+        started = time.perf_counter()
+        self._slots.acquire()  # back-pressure: wait for a free snapshot buffer
+        try:
+            with self._lock:
+                if self._closed:
+                    raise UsageError("this AsyncSaver is closed (the interpreter is exiting)")
+                buffer = self._free.pop()
+            try:
+                data = _snapshot(arrays, buffer)
+            except BaseException:
+                self._release(buffer)
+                raise
+        except BaseException:
+            self._slots.release()
+            raise
+        future: Future[CheckpointHeader] = Future()
+        job = _Job(target, header, arrays, data, buffer, durable)
+        handle = SaveHandle(target, future, time.perf_counter() - started)
+        with self._lock:
+            self._queue.append((future, job))
+            self._pending.add(future)
+            self._pending_handles.append(handle)
+            self._start()
+            self._wake.notify()
+        return handle
+
+    def _release(self, buffer: _Buffer) -> None:
+        with self._lock:
+            self._free.append(buffer)
+
+    def _start(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._run, name="vgs_ckpt-async-save",
+                                            daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self._queue:
+                    if self._closed:
+                        return
+                    self._wake.wait()
+                future, job = self._queue.pop(0)
+            try:
+                if future.set_running_or_notify_cancel():
+                    future.set_result(job.run())
+            except BaseException as exc:  # re-raised at SaveHandle.result()
+                future.set_exception(exc)
+            finally:
+                job.data.clear()  # the views of the buffer go before the buffer is reused
+                self._release(job.buffer)
+                self._slots.release()
+                with self._lock:
+                    self._pending.discard(future)
+                    self._pending_handles = [h for h in self._pending_handles
+                                             if h._future is not future]
+
+    def pending(self) -> int:
+        """How many saves have not finished yet."""
+        with self._lock:
+            return len(self._pending)
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Wait until every save started so far has finished (errors stay in their
+        handles)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            futures = list(self._pending)
+        for future in futures:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                future.exception(left)
+            except TimeoutError:
+                raise TimeoutError(f"{len(futures)} background saves still pending after "
+                                   f"{timeout} s") from None
+
+    def close(self) -> None:
+        """Finish every pending save, then stop the thread."""
+        self.wait()
+        with self._lock:
+            self._closed = True
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+
+
+_DEFAULT: list[AsyncSaver] = []  # the process-wide saver, made on first use
+_DEFAULT_LOCK = threading.Lock()
+
+
+def default_saver() -> AsyncSaver:
+    """The process-wide saver behind :func:`save_async` (``max_pending=1``)."""
+    with _DEFAULT_LOCK:
+        if not _DEFAULT:
+            _DEFAULT.append(AsyncSaver())
+            _at_exit(_DEFAULT[0])
+        return _DEFAULT[0]
+
+
+def _at_exit(saver: AsyncSaver) -> None:
+    """Finish the saver's pending saves when the interpreter exits: in the hooks that
+    ``threading`` runs before ``concurrent.futures`` stops accepting work (the writer
+    hashes on a thread pool), else with ``atexit``."""
+    register = getattr(threading, "_register_atexit", None)
+    try:
+        if register is None:
+            raise RuntimeError("no threading._register_atexit")
+        register(_finish_at_exit, saver)
+    except RuntimeError:
+        atexit.register(_finish_at_exit, saver)
+
+
+def _finish_at_exit(saver: AsyncSaver) -> None:
+    with saver._lock:
+        pending = list(saver._pending_handles)
+    if pending:
+        logger.info("vgs_ckpt: finishing %d pending background save(s) before exit",
+                    len(pending))
+    saver.close()
+    for handle in pending:
+        error = handle._future.exception()
+        if error is not None:  # nobody is left to call result(): say it plainly
+            print(f"vgs_ckpt: the background save of {handle.path} did NOT complete before "
+                  f"exit: {type(error).__name__}: {error}; the file keeps its previous "
+                  "content (or does not exist)", file=sys.stderr)
+
+
+def save_async(path: str | os.PathLike[str], parameters: Mapping[Any, Any], *, step: int,
+               performance: float | None = None, member_id: str | None = None,
+               hyperparams: Mapping[str, Any] | None = None,
+               lineage: Lineage | Mapping[str, Any] | None = None,
+               format: CheckpointFormat | str = CheckpointFormat.V2_FULL_PARAMETERS,
+               created_at: datetime | None = None, provenance: Provenance | None = None,
+               durable: bool = True) -> SaveHandle:
+    """Save like :func:`vgs_ckpt.save`, blocking only while the tensors are copied.
+
+    Arguments as for :func:`vgs_ckpt.save`. Invalid arguments raise here (as
+    ``save`` would); the write's own failures raise at ``handle.result()``. See the
+    module docstring for ordering, back-pressure and exit.
+
+    Returns:
+        A :class:`SaveHandle`: ``done()``, ``result(timeout=None)`` (the header
+        written), ``snapshot_seconds``.
+
+    Example:
+        >>> handle = vgs_ckpt.save_async("m.safetensors", model.get_parameters(), step=150)
+        >>> train_more(model)          # the snapshot is already taken
+        >>> handle.result()            # committed (or the write's error)
+    """
+    return default_saver().save(path, parameters, step=step, performance=performance,
+                                member_id=member_id, hyperparams=hyperparams,
+                                lineage=lineage, format=format, created_at=created_at,
+                                provenance=provenance, durable=durable)
