@@ -18,6 +18,7 @@ import gc
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -149,7 +150,7 @@ def child(op: str, size: int, directory: Path) -> None:
     gc.collect()
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
     base = _status_kib("VmRSS")
-    result = OPS[op](tree if tree is not None else {}, directory)
+    result = {**OPS, **ASYNC_RSS}[op](tree if tree is not None else {}, directory)
     peak = _status_kib("VmHWM")
     del result
     print(json.dumps({"peak_above_baseline": (peak - base) * 1024}))
@@ -277,6 +278,130 @@ def report_reading(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def dcp_async(tree: dict[str, Any], target: Path) -> Any:
+    """torch.distributed.checkpoint.async_save of the same tensors, in one process."""
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "assuming ... a single process"
+        return dcp.async_save(flat(tree), checkpoint_id=str(target))
+
+
+def _twice(save: Callable[[dict[str, Any], Path, int], Any]) -> Callable[..., Any]:
+    """Two saves one after the other (the second reuses the first's buffers)."""
+    def run(tree: dict[str, Any], directory: Path) -> None:
+        for i in range(2):
+            save(tree, directory, i)
+    return run
+
+
+ASYNC_RSS: dict[str, Callable[[dict[str, Any], Path], Any]] = {
+    "save vgs_ckpt (x2)": _twice(lambda m, d, i: vgs_ckpt.save(d / f"r{i}.safetensors", m,
+                                                                step=i)),
+    "save_async (x2)": _twice(lambda m, d, i: vgs_ckpt.save_async(
+        d / f"r{i}.safetensors", m, step=i).result()),
+    "dcp async_save (x2)": _twice(lambda m, d, i: dcp_async(m, d / f"dcp{i}").result()),
+}
+
+
+def _learner(size: int, seed: int) -> Any:
+    """A TorchLearner with ~size policy parameters, Adam state and a VGS state."""
+    from vgs_ckpt.pbt.learner import TorchLearner
+    from vgs_ckpt.vgs import VarianceGradientScaler
+
+    layers = 8
+    side = int((size / layers) ** 0.5)
+    torch.manual_seed(seed)
+    policy = torch.nn.Sequential(*[torch.nn.Linear(side, side) for _ in range(layers)])
+    optimizer = torch.optim.Adam(policy.parameters(), lr=3e-4)
+    for param in policy.parameters():
+        param.grad = torch.randn_like(param)
+    optimizer.step()
+    vgs = VarianceGradientScaler(policy.parameters())
+    vgs.update()
+    return TorchLearner(policy, optimizer, vgs)
+
+
+def asynchronous(size: int, repeat: int, directory: Path) -> dict[str, Any]:
+    """Issue #11: what a save blocks, what it costs to commit, its extra memory, and
+    the exploit a user waits for."""
+    from vgs_ckpt.pbt import CheckpointStore
+
+    tree = member(size)
+    nbytes = sum(t.numel() * t.element_size() for t in flat(tree).values())
+    blocked: dict[str, list[float]] = {"save vgs_ckpt": [], "save_async": [],
+                                       "dcp async_save": []}
+    commit: dict[str, list[float]] = {k: [] for k in blocked}
+    for _ in range(repeat):
+        for op, blocked_times in blocked.items():
+            for old in directory.iterdir():
+                if old.is_dir():
+                    shutil.rmtree(old)
+                else:
+                    old.unlink()
+            gc.collect()
+            start = time.perf_counter()
+            if op == "save vgs_ckpt":
+                vgs_ckpt.save(directory / "a.safetensors", tree, step=1)
+                blocked_times.append(time.perf_counter() - start)
+            elif op == "save_async":
+                handle = vgs_ckpt.save_async(directory / "a.safetensors", tree, step=1)
+                blocked_times.append(time.perf_counter() - start)
+                handle.result()
+            else:
+                future = dcp_async(tree, directory / "dcp")
+                blocked_times.append(time.perf_counter() - start)
+                future.result()
+            commit[op].append(time.perf_counter() - start)
+    del tree
+    gc.collect()
+    rss = {op: peak_rss(op, size, directory) for op in ASYNC_RSS}
+    # Exploit end to end: a recipient takes a donor's full state.
+    donor, recipient = _learner(size, 0), _learner(size, 1)
+    store = CheckpointStore(directory / "store", keep_last=1, keep_best=0)
+    store.save("donor", donor.get_parameters(), step=1, performance=1.0)
+    torch.save(donor.get_parameters(), directory / "donor.pt")
+    del donor
+    gc.collect()
+
+    def vgs_exploit() -> None:
+        ref = store.checkout("donor", "recipient")
+        recipient.set_parameters(vgs_ckpt.load(ref.path).parameters)
+
+    def torch_exploit() -> None:
+        recipient.set_parameters(torch.load(directory / "donor.pt", weights_only=True))
+
+    exploit: dict[str, list[float]] = {"vgs_ckpt": [], "torch": []}
+    for _ in range(repeat):
+        exploit["vgs_ckpt"].append(timed(vgs_exploit))
+        exploit["torch"].append(timed(torch_exploit))
+    median = statistics.median
+    return {"params": size, "tensor_bytes": nbytes,
+            "blocked_s": {k: median(v) for k, v in blocked.items()},
+            "commit_s": {k: median(v) for k, v in commit.items()}, "peak_rss": rss,
+            "exploit_s": {k: median(v) for k, v in exploit.items()}}
+
+
+def report_async(result: dict[str, Any]) -> str:
+    nbytes = result["tensor_bytes"]
+    blocked, commit = result["blocked_s"], result["commit_s"]
+    ref = blocked["save vgs_ckpt"]
+    lines = [f"### Non-blocking saves and the exploit, {result['params'] / 1e6:.0f}M policy "
+             f"parameters ({nbytes / 2**20:.0f} MiB of tensors)", "",
+             "| operation | training blocked / durable save | time to commit / durable save "
+             "| extra peak RSS / tensor bytes (two saves) |", "| --- | --- | --- | --- |"]
+    for op, rss_op in (("save vgs_ckpt", "save vgs_ckpt (x2)"), ("save_async", "save_async (x2)"),
+                       ("dcp async_save", "dcp async_save (x2)")):
+        lines.append(f"| {op} | {blocked[op] / ref:.2f}x | {commit[op] / ref:.2f}x | "
+                     f"{result['peak_rss'][rss_op] / nbytes:.2f} |")
+    ratio = result["exploit_s"]["vgs_ckpt"] / result["exploit_s"]["torch"]
+    lines += ["", "| exploit end to end | time / torch.load + load_state_dict |",
+              "| --- | --- |",
+              f"| checkout + load (verify) + set_parameters | {ratio:.2f}x |",
+              "| torch.load(weights_only=True) + set_parameters | 1.00x |"]
+    return "\n".join(lines)
+
+
 def report(result: dict[str, Any]) -> str:
     m, nbytes = result["median_s"], result["tensor_bytes"]
     lines = [f"### {result['params'] / 1e6:.0f}M policy parameters "
@@ -317,7 +442,7 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=["16M", "128M"])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--dir", default=None, help="where to write (default: a temp dir)")
-    parser.add_argument("--only", choices=["codec", "reading"], default=None,
+    parser.add_argument("--only", choices=["codec", "reading", "async"], default=None,
                         help="run one section (default: all)")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -332,6 +457,9 @@ def main() -> None:
             if args.only in (None, "reading"):
                 print(report_reading(reading(parse_size(size), args.repeat, Path(tmp))), "\n",
                       flush=True)
+            if args.only in (None, "async"):
+                print(report_async(asynchronous(parse_size(size), args.repeat, Path(tmp))),
+                      "\n", flush=True)
 
 
 if __name__ == "__main__":

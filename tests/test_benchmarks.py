@@ -66,3 +66,15 @@ def test_codec_benchmark_reading_section_runs(tmp_path: Path) -> None:
     assert 0.2 < float(lazy[1]) < 0.5  # about a third of the bytes: the policy
     assert float(lazy[2]) == 1.0  # each byte read is hashed once
     assert float(rows["load torch.save file with vgs_ckpt"][2]) == 0.0  # legacy: none
+
+
+def test_codec_benchmark_async_section_runs(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "codec.py"), "--sizes",
+                          "200K", "--repeat", "1", "--only", "async", "--dir", str(tmp_path)],
+                         check=True, capture_output=True, text=True, timeout=300).stdout
+    rows = {line.split("|")[1].strip(): line.split("|")[2:] for line in out.splitlines()
+            if line.startswith("| ") and "---" not in line}
+    assert {"save vgs_ckpt", "save_async", "dcp async_save",
+            "checkout + load (verify) + set_parameters"} <= set(rows)
+    assert float(rows["save vgs_ckpt"][0].strip().rstrip("x")) == 1.0
+    assert float(rows["save_async"][2]) > 0.5  # the snapshot holds the tensor bytes
