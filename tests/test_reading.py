@@ -403,5 +403,6 @@ def test_open_serves_a_legacy_file_from_memory(tmp_path: Path) -> None:
         assert reader.container == "torch-zip" and reader.format == "v2_full_parameters"
         assert_trees_equal(reader["policy"], payload("L2")["data"]["policy"])
         assert reader.structure()["policy"]["0.weight"].shape == (3, 4)
+        assert reader.bytes_read == _tensor_bytes(payload("L2")["data"])
         with raises_exactly(UsageError, match="no tensor names"):
             reader.tensor("policy/0.weight")

@@ -35,7 +35,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import datetime
@@ -79,9 +79,18 @@ class SaveHandle:
         """
         return self._future.result(timeout)
 
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """Wait for the save; its error, or None when it committed."""
+        return self._future.exception(timeout)
+
+    def add_done_callback(self, callback: Callable[[SaveHandle], object]) -> None:
+        """Call ``callback(handle)`` when the save finishes (on the writer thread, or
+        now if it already has)."""
+        self._future.add_done_callback(lambda _: callback(self))
+
     def __repr__(self) -> str:
         state = "pending" if not self.done() else (
-            "failed" if self._future.exception() else "committed")
+            "failed" if self.exception() else "committed")
         return f"SaveHandle({self.path!r}, {state})"
 
 
@@ -178,8 +187,7 @@ class AsyncSaver:
         self._queue: list[tuple[Future[CheckpointHeader], _Job]] = []
         self._wake = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
-        self._pending: set[Future[CheckpointHeader]] = set()
-        self._pending_handles: list[SaveHandle] = []
+        self._pending: list[SaveHandle] = []  # not finished yet, in call order
         self._closed = False
 
     def save(self, path: str | os.PathLike[str], parameters: Mapping[Any, Any], *, step: int,
@@ -215,8 +223,7 @@ class AsyncSaver:
         handle = SaveHandle(target, future, time.perf_counter() - started)
         with self._lock:
             self._queue.append((future, job))
-            self._pending.add(future)
-            self._pending_handles.append(handle)
+            self._pending.append(handle)
             self._start()
             self._wake.notify()
         return handle
@@ -249,9 +256,7 @@ class AsyncSaver:
                 self._release(job.buffer)
                 self._slots.release()
                 with self._lock:
-                    self._pending.discard(future)
-                    self._pending_handles = [h for h in self._pending_handles
-                                             if h._future is not future]
+                    self._pending = [h for h in self._pending if not h.done()]
 
     def pending(self) -> int:
         """How many saves have not finished yet."""
@@ -263,13 +268,13 @@ class AsyncSaver:
         handles)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
-            futures = list(self._pending)
-        for future in futures:
+            handles = list(self._pending)
+        for handle in handles:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                future.exception(left)
+                handle.exception(left)
             except TimeoutError:
-                raise TimeoutError(f"{len(futures)} background saves still pending after "
+                raise TimeoutError(f"{self.pending()} background saves still pending after "
                                    f"{timeout} s") from None
 
     def close(self) -> None:
@@ -310,13 +315,13 @@ def _at_exit(saver: AsyncSaver) -> None:
 
 def _finish_at_exit(saver: AsyncSaver) -> None:
     with saver._lock:
-        pending = list(saver._pending_handles)
+        pending = list(saver._pending)
     if pending:
         logger.info("vgs_ckpt: finishing %d pending background save(s) before exit",
                     len(pending))
     saver.close()
     for handle in pending:
-        error = handle._future.exception()
+        error = handle.exception()
         if error is not None:  # nobody is left to call result(): say it plainly
             print(f"vgs_ckpt: the background save of {handle.path} did NOT complete before "
                   f"exit: {type(error).__name__}: {error}; the file keeps its previous "

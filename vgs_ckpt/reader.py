@@ -239,9 +239,11 @@ class CheckpointReader:
 
     @property
     def bytes_read(self) -> int:
-        """Tensor bytes decoded or verified so far (each tensor counts once)."""
+        """Tensor bytes decoded or verified so far (each tensor counts once; all of them
+        for a legacy file, which is read when opened)."""
         if self._loaded is not None:
-            return 0
+            return sum(spec.nbytes for spec in _leaves(self.structure())
+                       if isinstance(spec, TensorSpec) and spec.dtype in BY_CODE)
         touched = self._verified | set(self._made)
         return sum(self._container.entries[n].nbytes for n in touched)
 
@@ -348,6 +350,14 @@ class CheckpointReader:
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+
+def _leaves(node: Any) -> list[Any]:
+    if isinstance(node, dict):
+        return [leaf for value in node.values() for leaf in _leaves(value)]
+    if isinstance(node, list | tuple):
+        return [leaf for value in node for leaf in _leaves(value)]
+    return [node]
 
 
 def _specs(node: Any) -> Any:

@@ -18,7 +18,7 @@ from vgs_ckpt._atomic import atomic_write
 from vgs_ckpt._container import layout
 from vgs_ckpt._tree import Array
 from vgs_ckpt.errors import UsageError, VgsCkptError
-from vgs_ckpt.models import CheckpointFormat, CheckpointHeader, Lineage, Provenance
+from vgs_ckpt.models import CheckpointFormat, CheckpointHeader, Lineage, Producer, Provenance
 
 __all__ = ["describe", "save", "save_bytes"]
 
@@ -129,7 +129,7 @@ def describe(parameters: Mapping[Any, Any], *, step: int, performance: float | N
              format: CheckpointFormat | str = CheckpointFormat.V2_FULL_PARAMETERS,
              created_at: datetime | None = None,
              provenance: Provenance | Mapping[str, Any] | None = None,
-             producer: Any = None, where: str = "<memory>",
+             producer: Producer | Mapping[str, str] | None = None, where: str = "<memory>",
              invalid: type[VgsCkptError] = UsageError, fix: str = "") -> CheckpointHeader:
     """The header :func:`save` would write for ``parameters``, with every tensor digest
     None: no tensor byte is read, copied or hashed (tensors may be on any device, even

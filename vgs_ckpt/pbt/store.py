@@ -10,7 +10,6 @@ import re
 import shutil
 import threading
 from collections.abc import Mapping
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -142,13 +141,13 @@ class CheckpointStore:
         handle = (self._saver or default_saver()).save(path, parameters, **fields)
         with self._done:
             self._pending.setdefault(member_id, []).append(handle)
-        handle._future.add_done_callback(lambda f: self._committed(member_id, handle, f))
+        handle.add_done_callback(lambda done: self._committed(member_id, done))
         return CheckpointRef(member_id, step, path, performance, handle)
 
-    def _committed(self, member_id: str, handle: SaveHandle, future: Future[Any]) -> None:
+    def _committed(self, member_id: str, handle: SaveHandle) -> None:
         """On the writer thread, after a background save: retention, or note the error.
         The save counts as settled (for :meth:`_wait`) only after this."""
-        error = future.exception()
+        error = handle.exception()
         try:
             if error is None:
                 self._prune(member_id)
