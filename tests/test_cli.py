@@ -92,3 +92,12 @@ def test_inspect_a_legacy_torch_file_shows_it_as_stored(
         assert main(["inspect", str(tmp_path / "member_0_step_1.pt")]) == 0
     out = capsys.readouterr().out
     assert "torch-zip" in out and "v1_policy_only" in out and "w " in out
+
+
+def test_inspect_piped_into_head_exits_quietly(tmp_path: Path) -> None:
+    path = tmp_path / "many.safetensors"  # a table far larger than a pipe's buffer
+    vgs_ckpt.save(path, {f"tensor_{i:05d}": torch.ones(1) for i in range(4000)}, step=0)
+    proc = subprocess.run(f"{sys.executable} -m vgs_ckpt inspect {path} | head -2",
+                          shell=True, capture_output=True, text=True, check=True)
+    assert proc.stdout.startswith("file")
+    assert "Traceback" not in proc.stderr and "Broken pipe" not in proc.stderr
