@@ -358,6 +358,7 @@ def test_open_loads_a_subtree_reading_and_verifying_only_its_tensors(
         step = reader.load(["policy.optimizer", "state", 0, "step"])
         assert torch.equal(step, member["policy.optimizer"]["state"][0]["step"])
         assert torch.equal(reader.tensor("policy/2.bias"), member["policy"]["2.bias"])
+        assert reader.get_tensor("policy/2.bias") is reader.tensor("policy/2.bias")
         assert_trees_equal(reader.load(), member)
     assert_trees_equal(policy, member["policy"])  # still valid after close
 

@@ -287,6 +287,8 @@ class CheckpointReader:
         kind = self._made[name][0] if name in self._made else "torch"
         return self._get(name, kind)
 
+    get_tensor = tensor  # the name safetensors' safe_open uses
+
     def _decode(self, node: Any, decoder: Decoder) -> Any:
         try:
             return decoder.decode(node)

@@ -17,7 +17,7 @@ from vgs_ckpt.vgs_state import HYPERPARAM_PREFIX as VGS_HYPERPARAM_PREFIX
 from vgs_ckpt.vgs_state import KEY as VGS_KEY
 from vgs_ckpt.vgs_state import KNOBS as VGS_KNOBS
 
-__all__ = ["VGS_HYPERPARAM_PREFIX", "ExploitResult", "OptimizerStrategy", "apply_hyperparams",
+__all__ = ["ExploitResult", "OptimizerStrategy", "apply_hyperparams",
            "exploit", "optimizer_state_paths", "reset_optimizer_state", "update_param_group"]
 
 logger = logging.getLogger("vgs_ckpt")
