@@ -219,7 +219,9 @@ class AsyncSaver:
             self._slots.release()
             raise
         future: Future[CheckpointHeader] = Future()
-        job = _Job(target, header, arrays, data, buffer, durable)
+        # The job keeps the snapshot, not the caller's tensors (they may be freed now).
+        described = {name: Array(a.dtype, a.shape, None) for name, a in arrays.items()}
+        job = _Job(target, header, described, data, buffer, durable)
         handle = SaveHandle(target, future, time.perf_counter() - started)
         with self._lock:
             self._queue.append((future, job))
