@@ -263,7 +263,7 @@ class AsyncSaver:
     def pending(self) -> int:
         """How many saves have not finished yet."""
         with self._lock:
-            return len(self._pending)
+            return sum(not handle.done() for handle in self._pending)
 
     def wait(self, timeout: float | None = None) -> None:
         """Wait until every save started so far has finished (errors stay in their
