@@ -354,6 +354,7 @@ def test_open_loads_a_subtree_reading_and_verifying_only_its_tensors(
         assert_trees_equal(policy, member["policy"])
         assert reader.bytes_read == _tensor_bytes(member["policy"]) == hashed.bytes
         assert reader.load(["policy", "0.weight"]) is policy["0.weight"]  # made once
+        assert reader.load("policy")["0.weight"] is policy["0.weight"]  # a key on its own
         assert hashed.bytes == _tensor_bytes(member["policy"])  # verified once
         step = reader.load(["policy.optimizer", "state", 0, "step"])
         assert torch.equal(step, member["policy.optimizer"]["state"][0]["step"])

@@ -247,15 +247,18 @@ class CheckpointReader:
         touched = self._verified | set(self._made)
         return sum(self._container.entries[n].nbytes for n in touched)
 
-    def load(self, path: TreePath = ()) -> Any:
-        """The subtree at ``path`` (e.g. ``["policy"]``; ``()`` is the whole tree), with
-        only the tensors it refers to read and verified.
+    def load(self, path: TreePath | str | int = ()) -> Any:
+        """The subtree at ``path`` (e.g. ``["policy"]``, or just ``"policy"`` for a
+        top-level key; ``()`` is the whole tree), with only the tensors it refers to
+        read and verified.
 
         Raises:
             UsageError: no such path in the tree.
             IntegrityError: a tensor it refers to does not match its digest (named).
         """
         self._check_open()
+        if isinstance(path, str | int):
+            path = [path]
         if self._loaded is not None:
             node: Any = self._loaded
             for depth, key in enumerate(path):
