@@ -26,7 +26,6 @@ from vgs_ckpt.errors import (
 
 # The three containers a checkpoint can come in: ours, and torch.save's two.
 ContainerKind: TypeAlias = Literal["safetensors", "torch-zip", "torch-pickle"]
-CONTAINER_KINDS: tuple[ContainerKind, ...] = ("safetensors", "torch-zip", "torch-pickle")
 SNIFF_BYTES = 64  # how many leading bytes sniff_container() needs
 _ZIP_MAGIC = b"PK\x03\x04"
 # torch.save's legacy (non-zip) container starts with the pickled magic number
@@ -116,7 +115,12 @@ class FileSource:
 
 
 def open_file(path: str | os.PathLike[str]) -> IO[bytes]:
-    """Open a checkpoint for reading, turning OS errors into vgs_ckpt errors."""
+    """Open a checkpoint for reading, turning OS errors (and a path that is not one)
+    into vgs_ckpt errors."""
+    if not isinstance(path, str | os.PathLike):  # bytes would open as a name, an int as an fd
+        raise UsageError(f"invalid checkpoint path {path!r:.80}: expected a str or "
+                         f"os.PathLike, got {type(path).__qualname__} (use load_bytes for "
+                         "bytes)")
     try:
         return open(path, "rb", buffering=0)
     except FileNotFoundError:

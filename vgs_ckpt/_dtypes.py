@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,6 +15,10 @@ class DType:
     torch: torch.dtype
     numpy: np.dtype[np.generic] | None  # None where numpy has no such dtype
     itemsize: int
+
+    def nbytes(self, shape: tuple[int, ...] | list[int]) -> int:
+        """The bytes of an array of this dtype and shape."""
+        return math.prod(shape) * self.itemsize
 
 
 def _np(name: str) -> np.dtype[np.generic]:

@@ -55,10 +55,7 @@ class Array:
 
     @property
     def nbytes(self) -> int:
-        numel = 1
-        for dim in self.shape:
-            numel *= dim
-        return numel * self.dtype.itemsize
+        return self.dtype.nbytes(self.shape)
 
     def data(self) -> memoryview:
         """The array's bytes: contiguous, little-endian, format "B" (a host copy only

@@ -44,12 +44,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from vgs_ckpt import _header
 from vgs_ckpt._atomic import atomic_write
 from vgs_ckpt._tree import Array
 from vgs_ckpt.errors import UsageError
 from vgs_ckpt.models import CheckpointFormat, CheckpointHeader, Lineage, Provenance
-from vgs_ckpt.writer import check_path, write
+from vgs_ckpt.writer import check_path, prepare, write
 
 __all__ = ["AsyncSaver", "SaveHandle", "save_async"]
 
@@ -199,10 +198,10 @@ class AsyncSaver:
              durable: bool = True) -> SaveHandle:
         """:func:`save_async` on this saver."""
         target = check_path(path, parameters, "save_async")
-        header, arrays = _header.describe(
-            parameters, step=step, performance=performance, member_id=member_id,
+        header, arrays = prepare(
+            parameters, target, step=step, performance=performance, member_id=member_id,
             hyperparams=hyperparams, lineage=lineage, format=format, created_at=created_at,
-            where=target, provenance=provenance, vgs_fix="fix the scaler's configuration")
+            provenance=provenance)
         started = time.perf_counter()
         self._slots.acquire()  # back-pressure: wait for a free snapshot buffer
         try:

@@ -45,14 +45,9 @@ def _describe(path: str) -> dict[str, Any]:
     info: dict[str, Any] = {"path": path, "container": container,
                             "format": header.format_version.value,
                             "header": json.loads(header.model_dump_json(exclude={"tree"}))}
-    tensors = []
-    for name, t in header.tensors.items():
-        numel = 1
-        for dim in t.shape:
-            numel *= dim
-        tensors.append({"name": name, "dtype": t.dtype, "shape": t.shape,
-                        "bytes": numel * BY_CODE[t.dtype].itemsize})
-    info["tensors"] = tensors
+    info["tensors"] = [{"name": name, "dtype": t.dtype, "shape": t.shape,
+                        "bytes": BY_CODE[t.dtype].nbytes(t.shape)}
+                       for name, t in header.tensors.items()]
     return info
 
 

@@ -76,10 +76,7 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        numel = 1
-        for dim in self.shape:
-            numel *= dim
-        return numel * BY_CODE[self.dtype].itemsize
+        return BY_CODE[self.dtype].nbytes(self.shape)
 
 
 def _device(map_location: str | torch.device | None) -> torch.device:
@@ -142,10 +139,14 @@ def _subnode(tree: Any, path: TreePath, where: str) -> Any:
             if type(items) is list and -len(items) <= key < len(items):
                 node = items[key]
                 continue
-        shown = "".join(f"[{k!r}]" for k in path[:depth + 1])
-        raise UsageError(f"{where}: the tree has no {shown}; see reader.structure() for "
-                         "what it holds")
+        raise _no_such(where, path[:depth + 1])
     return node
+
+
+def _no_such(where: str, path: TreePath) -> UsageError:
+    shown = "".join(f"[{k!r}]" for k in path)
+    return UsageError(f"{where}: the tree has no {shown}; see reader.structure() for what it "
+                      "holds")
 
 
 class _SpecDecoder(Decoder):
@@ -243,7 +244,7 @@ class CheckpointReader:
         for a legacy file, which is read when opened)."""
         if self._loaded is not None:
             return sum(spec.nbytes for spec in _leaves(self.structure())
-                       if isinstance(spec, TensorSpec) and spec.dtype in BY_CODE)
+                       if isinstance(spec, TensorSpec))
         touched = self._verified | set(self._made)
         return sum(self._container.entries[n].nbytes for n in touched)
 
@@ -265,9 +266,7 @@ class CheckpointReader:
                 try:
                     node = node[key]
                 except (KeyError, IndexError, TypeError):
-                    shown = "".join(f"[{k!r}]" for k in path[:depth + 1])
-                    raise UsageError(f"{self.where}: the tree has no {shown}; see "
-                                     "reader.structure() for what it holds") from None
+                    raise _no_such(self.where, path[:depth + 1]) from None
             return node
         node = _subnode(self.header.tree, path, self.where)
         self._check(_references(node))
@@ -367,9 +366,8 @@ def _leaves(node: Any) -> list[Any]:
 
 def _specs(node: Any) -> Any:
     """A loaded tree's structure (a legacy file's: its tensors have no stored names)."""
-    if isinstance(node, torch.Tensor):
-        dtype = BY_TORCH.get(node.dtype)
-        return TensorSpec("", dtype.code if dtype else str(node.dtype), tuple(node.shape))
+    if isinstance(node, torch.Tensor):  # its dtype is in the table: describe() checked it
+        return TensorSpec("", BY_TORCH[node.dtype].code, tuple(node.shape))
     if isinstance(node, dict):
         return type(node)((k, _specs(v)) for k, v in node.items())
     if isinstance(node, list | tuple):
@@ -396,22 +394,14 @@ def open(path: str | os.PathLike[str], *, map_location: str | torch.device | Non
         UnsafeCheckpointError: as for :func:`load`.
     """
     device = _device(map_location)
-    where = _where(path)
     handle = open_file(path)
+    where = os.fspath(path)
     try:
         return CheckpointReader(FileSource(handle, where), path=where, device=device,
                                 verify=verify, readahead=False, handle=handle)
     except BaseException:
         handle.close()
         raise
-
-
-def _where(path: Any) -> str:
-    if isinstance(path, bytes | bytearray | memoryview):
-        raise UsageError("a path was expected, got bytes; use load_bytes for bytes")
-    if not isinstance(path, str | os.PathLike):
-        raise UsageError(f"the path must be a str or os.PathLike, got {type(path).__qualname__}")
-    return os.fspath(path)
 
 
 def container_of(path: str | os.PathLike[str]) -> ContainerKind:
@@ -421,7 +411,7 @@ def container_of(path: str | os.PathLike[str]) -> ContainerKind:
         FormatError: the file is not a checkpoint of any container.
     """
     with open_file(path) as handle:
-        return sniff_source(FileSource(handle, _where(path)))
+        return sniff_source(FileSource(handle, os.fspath(path)))
 
 
 def read_header(path: str | os.PathLike[str]) -> CheckpointHeader:
@@ -432,8 +422,8 @@ def read_header(path: str | os.PathLike[str]) -> CheckpointHeader:
             such: use :func:`load` or :func:`open` for those) or is corrupt.
         UnsupportedVersionError: the file has a newer format than this library knows.
     """
-    where = _where(path)
     with open_file(path) as handle:
+        where = os.fspath(path)
         source = FileSource(handle, where)
         kind = sniff_source(source)
         if kind != "safetensors":
@@ -463,12 +453,10 @@ def detect_format(path_or_bytes: str | os.PathLike[str] | bytes | bytearray | me
         >>> fmt, container = vgs_ckpt.detect_format("member_3.safetensors")
     """
     if isinstance(path_or_bytes, bytes | bytearray | memoryview):
-        source: Source = BytesSource(path_or_bytes)
-        kind = sniff_source(source)
-        if kind == "safetensors":
-            return Detection(_header.parse(read_container(source), source.where).format_version,
-                             kind)
-        return Detection(legacy.read_legacy(path_or_bytes, container=kind).format, kind)
+        found = CheckpointReader(BytesSource(path_or_bytes), path=None,
+                                 device=torch.device("cpu"), verify=False, readahead=False,
+                                 legacy_data=path_or_bytes)
+        return Detection(found.format, found.container)
     with open(path_or_bytes, verify=False) as reader:
         return Detection(reader.format, reader.container)
 
@@ -539,8 +527,8 @@ def load(path: str | os.PathLike[str], *, map_location: str | torch.device | Non
         >>> ckpt.header.step, ckpt.format
     """
     device = _device(map_location)
-    where = _where(path)
     with open_file(path) as handle:
+        where = os.fspath(path)
         reader = CheckpointReader(FileSource(handle, where), path=where, device=device,
                                   verify=verify, readahead=True,
                                   vgs_error=FormatError if upgrade else None)

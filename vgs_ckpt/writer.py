@@ -51,6 +51,14 @@ def write(stream: IO[bytes], header: CheckpointHeader, arrays: Mapping[str, Arra
     return header
 
 
+def prepare(parameters: Mapping[Any, Any], where: str, **fields: Any
+            ) -> tuple[CheckpointHeader, dict[str, Array]]:
+    """The validated header (placeholder digests) and the arrays of a tree to write;
+    ``fields`` are ``save``'s header arguments. Shared by every writer."""
+    return _header.describe(parameters, where=where,
+                            vgs_fix="fix the scaler's configuration", **fields)
+
+
 def check_path(path: Any, parameters: Any, function: str = "save") -> str:
     """``path`` as a string, or a clear error when the arguments look swapped."""
     if isinstance(path, Mapping) or isinstance(parameters, str | os.PathLike):
@@ -98,10 +106,10 @@ def save(path: str | os.PathLike[str], parameters: Mapping[Any, Any], *, step: i
         >>> vgs_ckpt.save(tmp / "m.safetensors", {"policy": {"w": torch.ones(2)}}, step=1)
     """
     target = check_path(path, parameters)
-    header, arrays = _header.describe(
-        parameters, step=step, performance=performance, member_id=member_id,
+    header, arrays = prepare(
+        parameters, target, step=step, performance=performance, member_id=member_id,
         hyperparams=hyperparams, lineage=lineage, format=format, created_at=created_at,
-        where=target, provenance=provenance, vgs_fix="fix the scaler's configuration")
+        provenance=provenance)
     written: list[CheckpointHeader] = []
     atomic_write(target, lambda f: written.append(write(f, header, arrays)), durable=durable)
     return written[0]
@@ -114,10 +122,10 @@ def save_bytes(parameters: Mapping[Any, Any], *, step: int, performance: float |
                created_at: datetime | None = None,
                provenance: Provenance | None = None) -> bytes:
     """The bytes :func:`save` would write, as a ``bytes`` object."""
-    header, arrays = _header.describe(
-        parameters, step=step, performance=performance, member_id=member_id,
+    header, arrays = prepare(
+        parameters, "<bytes>", step=step, performance=performance, member_id=member_id,
         hyperparams=hyperparams, lineage=lineage, format=format, created_at=created_at,
-        provenance=provenance, vgs_fix="fix the scaler's configuration")
+        provenance=provenance)
     buffer = io.BytesIO()
     write(buffer, header, arrays)
     return buffer.getvalue()
