@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import errno
-import io
-import os
 import signal
 import subprocess
 import sys
 import textwrap
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +21,7 @@ from vgs_ckpt.pbt import CheckpointStore, HyperparamSpec, PBTConfig, PBTSchedule
 from vgs_ckpt.testing import assert_trees_equal
 
 from .conftest import make_member, raises_exactly
+from .disk_faults import full_disk, killed_mid_write_script, slow_disk
 from .pbt_helpers import make_learner, train
 
 
@@ -43,26 +40,9 @@ def _clone(tree: Any) -> Any:
     return tree
 
 
-class _SlowDisk(io.FileIO):
-    """A temp file whose writes take a while (so a save is surely still running)."""
-
-    def write(self, data: Any) -> int:
-        time.sleep(0.05)
-        return super().write(data)
-
-
-def _slow_disk(monkeypatch: pytest.MonkeyPatch) -> None:
-    real = os.fdopen
-
-    def fdopen(fd: int, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
-        return _SlowDisk(fd, "w", closefd=True) if "w" in mode else real(fd, mode, *args,
-                                                                          **kwargs)
-    monkeypatch.setattr(os, "fdopen", fdopen)
-
-
 def test_the_file_holds_the_snapshot_not_later_changes(tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    _slow_disk(monkeypatch)
+    slow_disk(monkeypatch)
     tree = _big()
     expected = _clone(tree)
     handle = vgs_ckpt.save_async(tmp_path / "m.safetensors", tree, step=3)
@@ -127,16 +107,7 @@ def test_a_failed_background_write_leaves_the_old_file_and_no_temp(
     path = tmp_path / "m.safetensors"
     vgs_ckpt.save(path, {"w": torch.zeros(4)}, step=1)
     before = path.read_bytes()
-    real = os.fdopen
-
-    class FullDisk(io.FileIO):
-        def write(self, data: Any) -> int:
-            if self.tell() + len(data) > 4096:
-                raise OSError(errno.ENOSPC, "No space left on device")
-            return super().write(data)
-
-    monkeypatch.setattr(os, "fdopen", lambda fd, mode="r", *a, **k: FullDisk(fd, "w")
-                        if "w" in mode else real(fd, mode, *a, **k))
+    full_disk(monkeypatch, after=4096)
     handle = vgs_ckpt.save_async(path, {"w": torch.ones(100_000)}, step=2)
     with raises_exactly(CheckpointIOError, match="intact"):
         handle.result(timeout=60)
@@ -174,7 +145,7 @@ def test_saves_to_one_path_commit_in_call_order(tmp_path: Path) -> None:
 
 def test_back_pressure_holds_at_most_max_pending_snapshots(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    _slow_disk(monkeypatch)
+    slow_disk(monkeypatch)
     saver = AsyncSaver(max_pending=1)
     first = saver.save(tmp_path / "a.safetensors", _big(1_000_000), step=1)
     assert not first.done()
@@ -206,24 +177,10 @@ def test_sigkill_during_a_background_write_leaves_the_old_file(tmp_path: Path) -
     path = tmp_path / "m.safetensors"
     vgs_ckpt.save(path, {"w": torch.zeros(4)}, step=1)
     before = path.read_bytes()
-    script = textwrap.dedent(f"""
-        import os, signal, sys, threading, time, torch, vgs_ckpt
-        directory = {str(tmp_path)!r}
-        def watch():  # kill the process once the temp file is part-written
-            while True:
-                for name in os.listdir(directory):
-                    if name.endswith(".tmp"):
-                        try:
-                            if os.path.getsize(os.path.join(directory, name)) > 8_000_000:
-                                os.kill(os.getpid(), signal.SIGKILL)
-                        except FileNotFoundError:
-                            pass
-                time.sleep(0.0005)
-        threading.Thread(target=watch, daemon=True).start()
+    script = killed_mid_write_script(tmp_path, f"""
         for _ in range(50):
             vgs_ckpt.save_async({str(path)!r}, {{"w": torch.ones(10_000_000)}}, step=2,
                                 durable=False).result()
-        sys.exit(3)
     """)
     proc = subprocess.run([sys.executable, "-c", script], check=False, timeout=300)
     assert proc.returncode == -signal.SIGKILL
@@ -237,7 +194,7 @@ def test_async_store_exploit_waits_for_the_donors_pending_save(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store = CheckpointStore(tmp_path, keep_last=1, keep_best=0, async_save=True)
     store.save("donor", make_member(0), step=1, performance=0.1).pending.result()  # type: ignore
-    _slow_disk(monkeypatch)
+    slow_disk(monkeypatch)
     newer = make_member(1)
     ref = store.save("donor", newer, step=2, performance=0.2)
     assert ref.pending is not None and not ref.pending.done()
@@ -254,14 +211,7 @@ def test_async_store_flush_raises_a_failed_save_and_keeps_the_last_committed(
     store = CheckpointStore(tmp_path, async_save=True)
     store.save("m", {"w": torch.ones(2)}, step=1)
     store.flush()
-    real = os.fdopen
-
-    class FullDisk(io.FileIO):
-        def write(self, data: Any) -> int:
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(os, "fdopen", lambda fd, mode="r", *a, **k: FullDisk(fd, "w")
-                        if "w" in mode else real(fd, mode, *a, **k))
+    full_disk(monkeypatch, after=0)
     ref = store.save("m", {"w": torch.zeros(2)}, step=2)
     with pytest.raises(CheckpointIOError):
         ref.pending.result(timeout=60)  # type: ignore[union-attr]

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import errno
-import io
 import os
 import signal
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
-from typing import Any
 
 import pytest
 import safetensors
@@ -19,33 +15,19 @@ import torch
 import vgs_ckpt
 from vgs_ckpt import CheckpointIOError
 
+from .disk_faults import full_disk, killed_mid_write_script
+
 
 def test_failure_mid_write_keeps_the_old_file_and_leaves_no_temp(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "m.safetensors"
     vgs_ckpt.save(path, {"w": torch.zeros(4)}, step=1)
     before = path.read_bytes()
-    real_fdopen = os.fdopen
-
-    class FullDisk(io.FileIO):
-        written = 0
-
-        def write(self, data: Any) -> int:
-            FullDisk.written += len(data)
-            if FullDisk.written > 4096:  # part of the data is on disk: now the disk is full
-                raise OSError(errno.ENOSPC, "No space left on device")
-            return super().write(data)
-
-    def fdopen(fd: int, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
-        if "w" in mode:
-            return FullDisk(fd, "w", closefd=True)
-        return real_fdopen(fd, mode, *args, **kwargs)
-
-    monkeypatch.setattr(os, "fdopen", fdopen)
+    disk = full_disk(monkeypatch, after=4096)  # part of the data is on disk, then it is full
     with pytest.raises(CheckpointIOError, match="intact"):
         vgs_ckpt.save(path, {"w": torch.ones(100_000)}, step=2)
     monkeypatch.undo()
-    assert FullDisk.written > 4096
+    assert disk.written > 4096
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
 
@@ -56,24 +38,10 @@ def test_killed_writer_never_leaves_a_partial_target(tmp_path: Path) -> None:
     before = path.read_bytes()
     # The writer is killed once most of its data is in the temp file (by size, watched
     # from outside), before the rename.
-    script = textwrap.dedent(f"""
-        import os, signal, sys, threading, time, torch, vgs_ckpt
-        directory = {str(tmp_path)!r}
-        def watch():
-            while True:
-                for name in os.listdir(directory):
-                    if name.endswith(".tmp"):
-                        try:
-                            if os.path.getsize(os.path.join(directory, name)) > 8_000_000:
-                                os.kill(os.getpid(), signal.SIGKILL)
-                        except FileNotFoundError:
-                            pass
-                time.sleep(0.0005)
-        threading.Thread(target=watch, daemon=True).start()
+    script = killed_mid_write_script(tmp_path, f"""
         for _ in range(50):  # each save is 40 MB; one of them is killed part-way
             vgs_ckpt.save({str(path)!r}, {{"w": torch.ones(10_000_000)}}, step=2,
                           durable=False)
-        sys.exit(3)
     """)
     proc = subprocess.run([sys.executable, "-c", script], check=False)
     assert proc.returncode == -signal.SIGKILL

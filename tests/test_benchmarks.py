@@ -56,12 +56,17 @@ def test_bootstrap_interval_covers_the_mean() -> None:
     assert metrics["dip"] == -1.0 and metrics["mismatched_exploits"] == 1.0
 
 
-def test_codec_benchmark_reading_section_runs(tmp_path: Path) -> None:
+def _codec_rows(tmp_path: Path, section: str) -> dict[str, list[str]]:
+    """Run one section of benchmarks/codec.py on a tiny member; its table rows by name."""
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "codec.py"), "--sizes",
-                          "200K", "--repeat", "1", "--only", "reading", "--dir", str(tmp_path)],
+                          "200K", "--repeat", "1", "--only", section, "--dir", str(tmp_path)],
                          check=True, capture_output=True, text=True, timeout=300).stdout
-    rows = {line.split("|")[1].strip(): line.split("|")[2:] for line in out.splitlines()
+    return {line.split("|")[1].strip(): line.split("|")[2:] for line in out.splitlines()
             if line.startswith("| ") and "---" not in line}
+
+
+def test_codec_benchmark_reading_section_runs(tmp_path: Path) -> None:
+    rows = _codec_rows(tmp_path, "reading")
     lazy = rows["open + policy only (lazy, verify)"]
     assert 0.2 < float(lazy[1]) < 0.5  # about a third of the bytes: the policy
     assert float(lazy[2]) == 1.0  # each byte read is hashed once
@@ -69,11 +74,7 @@ def test_codec_benchmark_reading_section_runs(tmp_path: Path) -> None:
 
 
 def test_codec_benchmark_async_section_runs(tmp_path: Path) -> None:
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "codec.py"), "--sizes",
-                          "200K", "--repeat", "1", "--only", "async", "--dir", str(tmp_path)],
-                         check=True, capture_output=True, text=True, timeout=300).stdout
-    rows = {line.split("|")[1].strip(): line.split("|")[2:] for line in out.splitlines()
-            if line.startswith("| ") and "---" not in line}
+    rows = _codec_rows(tmp_path, "async")
     assert {"save vgs_ckpt", "save_async", "dcp async_save",
             "checkout + load (verify) + set_parameters"} <= set(rows)
     assert float(rows["save vgs_ckpt"][0].strip().rstrip("x")) == 1.0
