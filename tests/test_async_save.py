@@ -132,6 +132,19 @@ def test_invalid_arguments_raise_at_the_call(tmp_path: Path) -> None:
     assert not (tmp_path / "m.safetensors").exists()
 
 
+def test_a_closed_saver_refuses_and_wait_times_out(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    slow_disk(monkeypatch, delay=0.2)
+    saver = AsyncSaver()
+    handle = saver.save(tmp_path / "a.safetensors", {"w": torch.ones(10)}, step=0)
+    with pytest.raises(TimeoutError, match="still pending"):
+        saver.wait(timeout=0.01)
+    saver.close()  # finishes the pending save first
+    assert handle.result(timeout=0).step == 0
+    with raises_exactly(UsageError, match="closed.*new AsyncSaver"):
+        saver.save(tmp_path / "b.safetensors", {"w": torch.ones(1)}, step=1)
+
+
 def test_saves_to_one_path_commit_in_call_order(tmp_path: Path) -> None:
     path = tmp_path / "m.safetensors"
     saver = AsyncSaver(max_pending=3)

@@ -302,6 +302,32 @@ def test_schema_violation_in_stored_header_is_reported_with_field() -> None:
         vgs_ckpt.load_bytes(_edit_inner(_good(), edit))
 
 
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda inner: inner["tensors"]["policy/w"].update(digest=None), "has no digest"),
+    (lambda inner: inner.update(vgs=[1]), "'vgs' must be an object or null"),
+])
+def test_stored_header_fields_that_memory_allows_but_files_do_not(edit: Any,
+                                                                  message: str) -> None:
+    with raises_exactly(FormatError, match=message):
+        vgs_ckpt.load_bytes(_edit_inner(_good(), edit))
+
+
+def test_stored_header_that_is_not_an_object() -> None:
+    header, body = _split(_good())
+    header["__metadata__"]["vgs_ckpt.header"] = "[1, 2]"
+    with raises_exactly(FormatError, match="not a JSON object"):
+        vgs_ckpt.load_bytes(_join(header, body))
+
+
+def test_paths_that_are_not_paths_are_usage_errors() -> None:
+    with raises_exactly(UsageError, match="use load_bytes"):
+        vgs_ckpt.load(3)  # type: ignore[arg-type]  # would otherwise open file descriptor 3
+    with raises_exactly(UsageError, match="use load_bytes"):
+        vgs_ckpt.read_header(b"m.safetensors")  # type: ignore[arg-type]
+    with raises_exactly(UsageError, match="use load for a path"):
+        vgs_ckpt.load_bytes("m.safetensors")  # type: ignore[arg-type]
+
+
 def test_unknown_header_fields_are_ignored() -> None:
     def edit(inner: dict[str, Any]) -> None:
         inner["added_in_a_later_minor_version"] = {"x": 1}

@@ -147,7 +147,7 @@ def parse(container: Container, where: str,
     missing = [name for name, info in header.tensors.items() if info.digest is None]
     if missing:
         raise FormatError(f"{where}: tensor {missing[0]!r} has no digest in the header; the "
-                          "file is corrupt")
+                          "file is corrupt - restore it from a good copy")
     if vgs is not None:
         if type(vgs) is not dict:
             raise FormatError(f"{where}: header field 'vgs' must be an object or null, got "

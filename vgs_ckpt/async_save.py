@@ -207,7 +207,9 @@ class AsyncSaver:
         try:
             with self._lock:
                 if self._closed:
-                    raise UsageError("this AsyncSaver is closed (the interpreter is exiting)")
+                    raise UsageError("this AsyncSaver is closed (close() was called, or the "
+                                     "interpreter is exiting); save with a new AsyncSaver "
+                                     "or with vgs_ckpt.save")
                 buffer = self._free.pop()
             try:
                 data = _snapshot(arrays, buffer)
