@@ -10,6 +10,7 @@ scaler's version 3.2, so its states load here and these load there.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -177,6 +178,37 @@ class VarianceGradientScaler:
                 if param.grad is not None:
                     param.grad.mul_(scale)
         return scale
+
+    def pending(self) -> dict[str, Any]:
+        """The moments of the gradients folded since the last :meth:`advance` (non-zero
+        only between the optimizer steps of one training step, with several
+        optimizers). Not part of :meth:`state_dict`, whose keys are those of 3.2; save it
+        beside the state to lose nothing between two steps (the SB3 integration does)."""
+        count, total, total_sq, peak = self._pending
+        return {"count": count, "sum": total, "sum_sq": total_sq, "max": peak}
+
+    def load_pending(self, pending: Mapping[str, Any] | None) -> None:
+        """Restore what :meth:`pending` returned (None: nothing pending).
+
+        Raises:
+            UsageError: not a mapping of ``count`` (an int >= 0) and finite
+                ``sum``, ``sum_sq`` and ``max``. Nothing is changed.
+        """
+        if pending is None:
+            self._pending = (0, 0.0, 0.0, 0.0)
+            return
+        keys = ("count", "sum", "sum_sq", "max")
+        if not isinstance(pending, Mapping) or set(pending) != set(keys):
+            raise UsageError(f"VGS pending moments must be a mapping with exactly the keys "
+                             f"{', '.join(keys)}, got {pending!r}; pass what pending() returned")
+        count = pending["count"]
+        values = [pending[key] for key in keys[1:]]
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0 or not all(
+                isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+                for v in values):
+            raise UsageError(f"VGS pending moments: count must be an int >= 0 and sum, sum_sq "
+                             f"and max finite numbers, got {dict(pending)!r}")
+        self._pending = (count, *(float(v) for v in values))  # type: ignore[assignment]
 
     def state_dict(self) -> dict[str, Any]:
         """The state, with exactly the keys and types of the original scaler's 3.2:

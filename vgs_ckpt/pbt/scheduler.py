@@ -233,7 +233,7 @@ class PBTScheduler:
                     ) -> Checkpoint | None:
         """The member's most recent checkpoint, loaded and upgraded (training continues
         from its ``parameters``), or None when it has none."""
-        m = self._member(member)
+        m = self.member(member)
         try:
             return self.store.load_latest(m.member_id, **load_kwargs)[0]
         except CheckpointNotFoundError:
@@ -260,12 +260,18 @@ class PBTScheduler:
         self.members[member.member_id] = member
         return member
 
-    def _member(self, member: PopulationMember | str) -> PopulationMember:
+    def member(self, member: PopulationMember | str) -> PopulationMember:
+        """The member (given by id or as itself).
+
+        Raises:
+            UsageError: no such member.
+        """
         member_id = member.member_id if isinstance(member, PopulationMember) else str(member)
         if member_id not in self.members:
             raise UsageError(f"unknown member {member_id!r}; add it with add_member() or "
                              "initialize_population()")
         return self.members[member_id]
+
 
     def update_performance(self, member: PopulationMember | str, performance: float, step: int,
                            model_parameters: Mapping[Any, Any] | None = None,
@@ -279,7 +285,7 @@ class PBTScheduler:
         weights only) and warns. A non-finite performance (a diverged member) is
         recorded as None and ranks last.
         """
-        m = self._member(member)
+        m = self.member(member)
         if model_parameters is not None and model_state_dict is not None:
             raise UsageError("give model_parameters or model_state_dict, not both")
         perf: float | None = float(performance)
@@ -309,7 +315,7 @@ class PBTScheduler:
     def ready(self, member: PopulationMember | str) -> bool:
         """Whether the member trained ``perturbation_interval`` steps since it was last
         considered for exploitation."""
-        m = self._member(member)
+        m = self.member(member)
         return m.step - m.last_ready_step >= self.config.perturbation_interval
 
     def _ranked(self) -> list[PopulationMember]:
@@ -327,7 +333,7 @@ class PBTScheduler:
 
     def choose_donor(self, member: PopulationMember | str) -> PopulationMember | None:
         """The member to exploit, or None if ``member`` should keep its own state."""
-        m = self._member(member)
+        m = self.member(member)
         with_checkpoint = [x for x in self._ranked()
                            if x.member_id == m.member_id or self.store.latest(x.member_id)]
         if self.config.exploit_method == "binary_tournament":
@@ -365,7 +371,7 @@ class PBTScheduler:
             knobs), the new hyperparameters, and the donor checkpoint's format. When the
             member keeps its own state: ``(None, its hyperparams, None)``.
         """
-        m = self._member(member)
+        m = self.member(member)
         if not self.ready(m):
             return None, dict(m.hyperparams), None
         m.last_ready_step = m.step
