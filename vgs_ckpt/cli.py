@@ -42,13 +42,52 @@ def _describe(path: str) -> dict[str, Any]:
     # pickle is unpickled once (weights_only).
     with reader.open(path, verify=False) as opened:
         header, container = opened.header, opened.container
+        model = _sb3_model(opened)
     info: dict[str, Any] = {"path": path, "container": container,
                             "format": header.format_version.value,
                             "header": json.loads(header.model_dump_json(exclude={"tree"}))}
+    if model is not None:
+        info["sb3_model"] = model
     info["tensors"] = [{"name": name, "dtype": t.dtype, "shape": t.shape,
                         "bytes": BY_CODE[t.dtype].nbytes(t.shape)}
                        for name, t in header.tensors.items()]
     return info
+
+
+def _sb3_model(opened: reader.CheckpointReader) -> dict[str, Any] | None:
+    """What ``sb3.save`` recorded of the model (its "sb3_model" part), for display."""
+    try:
+        keys = opened.keys()
+    except VgsCkptError:
+        return None
+    if "sb3_model" not in keys:
+        return None
+    try:
+        description = opened.load(("sb3_model",))
+        if not isinstance(description, dict):
+            return None
+        return {key: description.get(key) for key in
+                ("algorithm", "policy_class", "observation_space", "action_space", "versions")}
+    except VgsCkptError:
+        return None
+
+
+def _space(space: Any) -> str:
+    if not isinstance(space, dict):
+        return repr(space)
+    kind = space.get("type")
+    if kind == "Box":
+        return f"Box({','.join(map(str, space.get('shape', [])))},) {space.get('dtype')}"
+    if kind == "Discrete":
+        return f"Discrete({space.get('n')})"
+    if kind == "MultiDiscrete":
+        return f"MultiDiscrete({space.get('nvec')})"
+    if kind == "MultiBinary":
+        return f"MultiBinary({space.get('n')})"
+    if kind == "Dict":
+        inner = ", ".join(f"{k}: {_space(v)}" for k, v in (space.get("spaces") or {}).items())
+        return f"Dict({inner})"
+    return str(kind)
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -80,6 +119,13 @@ def _inspect(args: argparse.Namespace) -> int:
               f"{'yes' if vgs['param_grad_mean_ema'] else 'no'}")
     elif info["format"] == "v2_full_parameters":
         print("vgs          none")
+    model = info.get("sb3_model")
+    if model:
+        policy = model.get("policy_class")
+        policy = policy.get("$class", policy) if isinstance(policy, dict) else policy
+        print(f"sb3 model: {model.get('algorithm')}, policy {policy}")
+        print(f"  observation space: {_space(model.get('observation_space'))}")
+        print(f"  action space: {_space(model.get('action_space'))}")
     print(f"tensors      {len(info['tensors'])}, {_human(total)}")
     print()
     rows = [[t["name"], t["dtype"], "x".join(map(str, t["shape"])) or "()", _human(t["bytes"])]

@@ -46,6 +46,7 @@ from vgs_ckpt.integrations.sb3.population import (
     train_population,
 )
 from vgs_ckpt.integrations.sb3.state import get_state, set_state
+from vgs_ckpt.vgs import VarianceGradientScaler  # noqa: F401  (kept importable from here)
 
 __all__ = ["INSTALL", "VARIABLES_KEY", "ExploitEvent", "PBTCallback", "attach_vgs",
            "describe", "detach_vgs", "get_state", "load", "preempted", "restore_member", "save",
