@@ -17,14 +17,14 @@ from vgs_ckpt import UsageError
 
 pytest.importorskip("stable_baselines3")
 pytest.importorskip("sb3_contrib")
-from gymnasium import spaces  # noqa: E402
-from stable_baselines3 import PPO, SAC  # noqa: E402
-from stable_baselines3.common.utils import LinearSchedule  # noqa: E402
+from gymnasium import spaces
+from stable_baselines3 import PPO, SAC
+from stable_baselines3.common.utils import LinearSchedule
 
-from tests.sb3_members import REPLAY, build, reseed  # noqa: E402
-from vgs_ckpt.integrations import sb3  # noqa: E402
-from vgs_ckpt.integrations.sb3.files import space_from_json, space_to_json  # noqa: E402
-from vgs_ckpt.testing import assert_trees_equal  # noqa: E402
+from tests.sb3_members import REPLAY, build, reseed
+from vgs_ckpt.integrations import sb3
+from vgs_ckpt.integrations.sb3.files import space_from_json, space_to_json
+from vgs_ckpt.testing import assert_trees_equal
 
 pytestmark = pytest.mark.sb3
 ROOT = Path(__file__).parent.parent
