@@ -466,7 +466,9 @@ def _plan_vec_normalize(normalizer: Any, state: Any, kind: str) -> Callable[[], 
     ret = _check_stats(f"{where}.ret_rms", state["ret_rms"], normalizer.ret_rms.mean.shape)
 
     def put(rms: Any, stats: Mapping[str, Any]) -> None:
-        rms.mean, rms.var, rms.count = stats["mean"], stats["var"], stats["count"]
+        # A 0-d statistic (ret_rms) is a numpy float64 once SB3 has updated it.
+        mean, var = (v[()] if v.ndim == 0 else v for v in (stats["mean"], stats["var"]))
+        rms.mean, rms.var, rms.count = mean, var, stats["count"]
 
     def step() -> None:
         if obs is not None:
