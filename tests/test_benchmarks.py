@@ -37,6 +37,16 @@ def test_pbt_efficiency_quick_runs(tmp_path: Path) -> None:
     assert "| full |" in table.read_text()
 
 
+@pytest.mark.sb3
+def test_preemption_benchmark_quick_runs() -> None:
+    pytest.importorskip("stable_baselines3")
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "preemption.py"),
+                          "--quick"], check=True, capture_output=True, text=True,
+                         timeout=300).stdout
+    row = next(line for line in out.splitlines() if line.startswith("| tiny"))
+    assert float(row.split("|")[3].split(",")[0]) > 0
+
+
 def test_bootstrap_interval_covers_the_mean() -> None:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
