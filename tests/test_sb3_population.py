@@ -15,10 +15,10 @@ import torch
 import vgs_ckpt
 
 pytest.importorskip("stable_baselines3")
-from stable_baselines3 import PPO  # noqa: E402
+from stable_baselines3 import PPO
 
-from vgs_ckpt.integrations import sb3  # noqa: E402
-from vgs_ckpt.pbt import HyperparamSpec, PBTConfig, PBTScheduler  # noqa: E402
+from vgs_ckpt.integrations import sb3
+from vgs_ckpt.pbt import HyperparamSpec, PBTConfig, PBTScheduler
 
 pytestmark = pytest.mark.sb3
 ROOT = Path(__file__).parent.parent
