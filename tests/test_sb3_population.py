@@ -118,3 +118,30 @@ def test_a_preempted_population_saves_every_member(tmp_path) -> None:
     # Each member's last file holds the state it had when the process stopped.
     for member, step in steps.items():
         assert f"member {member} at {step}" in result.stdout
+
+
+def test_an_off_policy_member_can_keep_its_replay_buffer_for_a_resume(tmp_path) -> None:
+    from tests.sb3_members import build
+    scheduler = PBTScheduler(PBTConfig(str(tmp_path / "population"), population_size=2,
+                                       perturbation_interval=64, truncation_ratio=0.5, seed=0))
+    scheduler.initialize_population([{}, {}])
+    models = {"0": build("SAC", 0), "1": build("SAC", 1)}
+    callbacks = {m: sb3.PBTCallback(scheduler, m, interval=64, replay_buffer=True)
+                 for m in models}
+    sb3.train_population(scheduler, models, total_timesteps=192, interval=64,
+                         callbacks=callbacks, progress=False)
+    for member_id, model in models.items():
+        saved = vgs_ckpt.load(scheduler.store.latest(member_id).path).parameters
+        assert saved["replay_buffer"]["pos"] == model.replay_buffer.pos == 192
+    # Exploits kept each recipient's own experience.
+    for member_id, callback in callbacks.items():
+        if callback.events:
+            own = models[member_id].replay_buffer.observations[:64]
+            other = models["1" if member_id == "0" else "0"].replay_buffer.observations[:64]
+            assert not (own == other).all()
+    fresh = build("SAC", 5)
+    resumed = PBTScheduler(PBTConfig(str(tmp_path / "population"), population_size=2,
+                                     perturbation_interval=64, seed=0, resume="auto"))
+    assert sb3.restore_member(resumed, "0", fresh)
+    assert fresh.replay_buffer.pos == 192
+    assert (fresh.replay_buffer.actions[:192] == models["0"].replay_buffer.actions[:192]).all()

@@ -15,7 +15,13 @@ from types import FrameType
 from typing import Any
 
 from vgs_ckpt.errors import UsageError
-from vgs_ckpt.integrations.sb3._base import BaseCallback, check_model, logger, require
+from vgs_ckpt.integrations.sb3._base import (
+    REPLAY_BUFFER_KEY,
+    BaseCallback,
+    check_model,
+    logger,
+    require,
+)
 from vgs_ckpt.integrations.sb3.hooks import vgs_scaler
 from vgs_ckpt.integrations.sb3.state import COUNTERS_KEY, get_state, set_state
 from vgs_ckpt.models import CheckpointFormat
@@ -117,6 +123,9 @@ class PBTCallback(BaseCallback):
         total_timesteps: the member's budget. A check at or past it saves but does
             not exploit, so the member's last checkpoint holds its final state
             (:func:`train_population` sets it).
+        replay_buffer: also save the replay buffer (off-policy algorithms), so a
+            resumed member (:func:`restore_member`) continues with its own
+            experience. An exploit never takes the donor's buffer.
         preemption: on SIGTERM (a spot instance, SLURM preemption), finish the
             gradient step in progress, save the member, wait for pending background
             saves and exit with status 143 (128 + SIGTERM). Default True; the handler
@@ -129,8 +138,8 @@ class PBTCallback(BaseCallback):
     def __init__(self, scheduler: PBTScheduler, member: PopulationMember | str, *,
                  interval: int, performance_fn: Callable[[Any], float] | None = None,
                  on_exploit: Callable[[ExploitEvent], None] | None = None,
-                 total_timesteps: int | None = None, preemption: bool = True,
-                 verbose: int = 0) -> None:
+                 total_timesteps: int | None = None, replay_buffer: bool = False,
+                 preemption: bool = True, verbose: int = 0) -> None:
         require()
         super().__init__(verbose)
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
@@ -142,6 +151,7 @@ class PBTCallback(BaseCallback):
         self.performance_fn = performance_fn
         self.on_exploit = on_exploit
         self.total_timesteps = total_timesteps
+        self.replay_buffer = replay_buffer
         self.preemption = preemption
         self.events: list[ExploitEvent] = []
         self.reports: list[tuple[int, float]] = []  # (timestep, performance)
@@ -195,12 +205,15 @@ class PBTCallback(BaseCallback):
         """Record the performance and save the full state (override to save less)."""
         self.scheduler.update_performance(self.member_id, performance,
                                           step=self.model.num_timesteps,
-                                          model_parameters=get_state(self.model))
+                                          model_parameters=get_state(
+                                              self.model, replay_buffer=self.replay_buffer))
         self._saved_at = self.model.num_timesteps
 
     def restore(self, parameters: Mapping[Any, Any], hyperparams: Mapping[str, Any]) -> None:
-        """Load an exploited tree and the explored hyperparameters into the model."""
-        set_state(self.model, parameters, hyperparams=hyperparams)
+        """Load an exploited tree and the explored hyperparameters into the model (the
+        recipient keeps its own replay buffer)."""
+        tree = {k: v for k, v in parameters.items() if k != REPLAY_BUFFER_KEY}
+        set_state(self.model, tree, hyperparams=hyperparams)
         self._saved_at = None  # the model now holds a state no file of this member has
 
     def finish(self) -> bool:
