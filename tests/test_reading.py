@@ -306,15 +306,15 @@ def test_inspect_reads_each_file_once(tmp_path: Path, monkeypatch: pytest.Monkey
     ours = tmp_path / "m.safetensors"
     vgs_ckpt.save(ours, make_member(), step=3)
     opened = []
-    import builtins
-    real_open = builtins.open
+    import os
+    real_open = os.open
 
     def counting_open(file: Any, *args: Any, **kwargs: Any) -> Any:
         if str(file) == str(ours):
             opened.append(file)
         return real_open(file, *args, **kwargs)
 
-    monkeypatch.setattr(builtins, "open", counting_open)
+    monkeypatch.setattr(os, "open", counting_open)
     assert main(["inspect", str(ours)]) == 0
     assert len(opened) == 1
     assert "v2_full_parameters" in capsys.readouterr().out

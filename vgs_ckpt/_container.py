@@ -11,6 +11,7 @@ import contextlib
 import json
 import mmap
 import os
+import stat
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -79,10 +80,45 @@ class Source(Protocol):
         ...
 
 
+def _read_into(fd: int, buffer: memoryview, offset: int, where: str) -> None:
+    """Fill ``buffer`` from the file at ``offset`` (pread, so the fd's position is
+    untouched); a short file is a FormatError."""
+    done = 0
+    while done < len(buffer):
+        try:
+            count = os.preadv(fd, [buffer[done:]], offset + done)
+        except OSError as exc:
+            raise CheckpointIOError(exc.errno, f"cannot read {where}: {exc.strerror}",
+                                    where) from None
+        if count == 0:
+            raise FormatError(f"{where}: truncated file: expected {len(buffer)} bytes at "
+                              f"offset {offset}, got {done}; the file is incomplete (or "
+                              "was cut short while being read) - re-save it")
+        done += count
+
+
+class _LazyViews(dict[str, memoryview]):
+    """Each tensor's bytes read into memory of its own on first access (the lazy
+    reader: only what is asked for is read, once; hashing and decoding then use the
+    same bytes)."""
+
+    def __init__(self, fd: int, container: Container, where: str) -> None:
+        super().__init__()
+        self._fd, self._container, self._where = fd, container, where
+
+    def __missing__(self, name: str) -> memoryview:
+        entry = self._container.entries[name]
+        buffer = memoryview(bytearray(entry.nbytes))
+        _read_into(self._fd, buffer, entry.start, self._where)
+        self[name] = buffer
+        return buffer
+
+
 class FileSource:
-    def __init__(self, handle: IO[bytes], where: str) -> None:
+    def __init__(self, handle: IO[bytes], where: str, *, use_mmap: bool = False) -> None:
         self._fd = handle.fileno()
         self.where = where
+        self._mmap = use_mmap
 
     def size(self) -> int:
         return os.fstat(self._fd).st_size
@@ -96,11 +132,22 @@ class FileSource:
 
     def views(self, container: Container, readahead: bool = True
               ) -> tuple[dict[str, memoryview], bool]:
-        # A private (copy-on-write) mapping: tensors are views of the page cache, a
-        # write to a tensor never reaches the file, and a writer that replaces the
-        # file atomically (as vgs_ckpt does) leaves these pages intact.
         if container.total_bytes == container.header_bytes:
             return {name: memoryview(b"") for name in container.entries}, False
+        if not self._mmap:
+            # Memory this process owns: the bytes verified are the bytes returned, and
+            # a later change to the file (an in-place rewrite, a truncation) cannot
+            # change them or raise SIGBUS.
+            if not readahead:
+                return _LazyViews(self._fd, container, self.where), True
+            data = memoryview(bytearray(container.total_bytes - container.header_bytes))
+            _read_into(self._fd, data, container.header_bytes, self.where)
+            base = container.header_bytes
+            return {n: data[e.start - base:e.end - base]
+                    for n, e in container.entries.items()}, True
+        # mmap=True: a private (copy-on-write) mapping: tensors are views of the page
+        # cache and a write to a tensor never reaches the file, but a non-atomic writer
+        # that rewrites the file in place changes them, and truncating it raises SIGBUS.
         if readahead:  # without: a lazy reader, only the pages it touches are read
             with contextlib.suppress(OSError, AttributeError):  # hints only
                 os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
@@ -116,13 +163,16 @@ class FileSource:
 
 def open_file(path: str | os.PathLike[str]) -> IO[bytes]:
     """Open a checkpoint for reading, turning OS errors (and a path that is not one)
-    into vgs_ckpt errors."""
+    into vgs_ckpt errors. Only a regular file is opened: a FIFO, socket, device or
+    directory is refused before anything could block on it."""
     if not isinstance(path, str | os.PathLike):  # bytes would open as a name, an int as an fd
         raise UsageError(f"invalid checkpoint path {path!r:.80}: expected a str or "
                          f"os.PathLike, got {type(path).__qualname__} (use load_bytes for "
                          "bytes)")
     try:
-        return open(path, "rb", buffering=0)
+        where = os.fspath(path)
+        # O_NONBLOCK: opening a FIFO with no writer would otherwise block forever.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         raise CheckpointNotFoundError(f"checkpoint {os.fspath(path)} does not exist") from None
     except OSError as exc:
@@ -131,11 +181,27 @@ def open_file(path: str | os.PathLike[str]) -> IO[bytes]:
     except (ValueError, TypeError) as exc:
         raise UsageError(f"invalid checkpoint path {path!r:.80}: {exc}; pass a str or "
                          "os.PathLike (use load_bytes for bytes)") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+                    else "a socket" if stat.S_ISSOCK(mode) else "a device"
+                    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
+            raise UsageError(f"{where} is {kind}, not a checkpoint file; pass the path of a "
+                             "regular file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb", buffering=0)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 class BytesSource:
     def __init__(self, data: bytes | bytearray | memoryview, where: str = "<bytes>") -> None:
-        self._data = memoryview(data).cast("B")
+        view = memoryview(data)
+        if not view.c_contiguous:  # e.g. a strided slice: its bytes in order
+            view = memoryview(view.tobytes())
+        self._data = view.cast("B") if (view.format, view.ndim) != ("B", 1) else view
         self.where = where
 
     def size(self) -> int:
@@ -184,13 +250,19 @@ def looks_like_safetensors(prefix: bytes) -> bool:
 
 
 def sniff_container(prefix: bytes, where: str) -> ContainerKind:
-    """The container kind from the first :data:`SNIFF_BYTES` bytes of a file."""
+    """The container kind from the first :data:`SNIFF_BYTES` bytes of a file.
+
+    The rules are tried in the order of spec section 10, safetensors first: a file
+    whose first bytes are both a safetensors header and a zip local header (a
+    polyglot; no torch.save file is one, as its byte 8 is a zip compression method,
+    never ``{``) is read as safetensors, digests and all, as any safetensors reader
+    would read it."""
+    if looks_like_safetensors(prefix):
+        return "safetensors"
     if prefix.startswith(_ZIP_MAGIC):
         return "torch-zip"
     if prefix.startswith(_TORCH_PICKLE_MAGIC):
         return "torch-pickle"
-    if looks_like_safetensors(prefix):
-        return "safetensors"
     raise FormatError(f"{where}: not a checkpoint: the first bytes {prefix[:16]!r} are neither "
                       "a safetensors header nor a torch.save container")
 

@@ -181,7 +181,7 @@ class CheckpointReader:
 
     def __init__(self, source: Source, *, path: str | None, device: torch.device,
                  verify: bool, readahead: bool, vgs_error: type[VgsCkptError] | None = None,
-                 legacy_data: str | bytes | bytearray | memoryview | None = None,
+                 legacy_data: bytes | bytearray | memoryview | None = None,
                  handle: IO[bytes] | None = None) -> None:
         self.path = path
         self._handle = handle  # closed with the reader
@@ -193,8 +193,10 @@ class CheckpointReader:
         self._loaded: dict[Any, Any] | None = None
         self.container: ContainerKind = sniff_source(source)
         if self.container != "safetensors":
-            found = legacy.read_legacy(legacy_data if legacy_data is not None else self.where,
-                                       container=self.container, map_location=device)
+            # The same bytes whether they come from a path or from memory.
+            raw = legacy_data if legacy_data is not None else source.read(0, source.size())
+            found = legacy.read_legacy(raw, container=self.container, map_location=device,
+                                       where=self.where)
             mtime = datetime.fromtimestamp(os.stat(path).st_mtime, UTC) if path else None
             parameters = (found.payload if isinstance(found.payload, dict)
                           else dict(found.payload))
@@ -376,7 +378,7 @@ def _specs(node: Any) -> Any:
 
 
 def open(path: str | os.PathLike[str], *, map_location: str | torch.device | None = "cpu",
-         verify: bool = True) -> CheckpointReader:
+         verify: bool = True, mmap: bool = False) -> CheckpointReader:
     """Open a checkpoint for lazy reading, like ``safetensors.safe_open``.
 
     Opening reads the header only. ``reader.structure()`` shows the tree with tensor
@@ -384,6 +386,9 @@ def open(path: str | os.PathLike[str], *, map_location: str | torch.device | Non
     ``reader.tensor("policy/w")`` one tensor, each verified against its digest the
     first time it is read. The file is read as stored (not upgraded). A legacy torch
     file has no lazy access: it is read when opened.
+
+    Each tensor is read into memory the process owns (with ``mmap=True``: mapped
+    from the file instead; see :func:`load`).
 
     Example:
         >>> with vgs_ckpt.open("member_3.safetensors") as reader:
@@ -397,8 +402,8 @@ def open(path: str | os.PathLike[str], *, map_location: str | torch.device | Non
     handle = open_file(path)
     where = os.fspath(path)
     try:
-        return CheckpointReader(FileSource(handle, where), path=where, device=device,
-                                verify=verify, readahead=False, handle=handle)
+        return CheckpointReader(FileSource(handle, where, use_mmap=mmap), path=where,
+                                device=device, verify=verify, readahead=False, handle=handle)
     except BaseException:
         handle.close()
         raise
@@ -495,7 +500,7 @@ def _warn_upgraded(where: str, original: str, applied: list[str]) -> None:
 
 
 def load(path: str | os.PathLike[str], *, map_location: str | torch.device | None = "cpu",
-         verify: bool = True, upgrade: bool = True) -> Checkpoint:
+         verify: bool = True, upgrade: bool = True, mmap: bool = False) -> Checkpoint:
     """Load a checkpoint file: a vgs_ckpt file or a legacy ``torch.save`` one.
 
     The format is recognised from the bytes. Legacy torch files are read with
@@ -510,6 +515,13 @@ def load(path: str | os.PathLike[str], *, map_location: str | torch.device | Non
             :class:`LegacyFormatWarning`. With False the checkpoint is returned as
             stored, even with invalid VGS settings (an ``InvalidVGSStateWarning`` names
             them), so its data can be salvaged.
+        mmap: map the tensor data from the file (private, copy-on-write) instead of
+            reading it into memory the process owns (the default). Faster when the
+            file is in the page cache, but a writer that rewrites the file in place
+            (``cp``, a shell redirect, ``torch.save`` to the same name) changes the
+            tensors already verified, and truncating it kills the process with
+            SIGBUS. vgs_ckpt's own writers replace files atomically, which is safe.
+            Legacy torch files are always read into memory.
 
     Returns:
         A :class:`Checkpoint` with ``parameters``, ``header`` and ``format``.
@@ -529,8 +541,8 @@ def load(path: str | os.PathLike[str], *, map_location: str | torch.device | Non
     device = _device(map_location)
     with open_file(path) as handle:
         where = os.fspath(path)
-        reader = CheckpointReader(FileSource(handle, where), path=where, device=device,
-                                  verify=verify, readahead=True,
+        reader = CheckpointReader(FileSource(handle, where, use_mmap=mmap), path=where,
+                                  device=device, verify=verify, readahead=True,
                                   vgs_error=FormatError if upgrade else None)
         return _finish(reader, upgrade)
 
