@@ -38,6 +38,8 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit the safetensors library enforc
 # enough that no parser or walker runs out of stack.
 MAX_JSON_DEPTH = 512
 _LEN = struct.Struct("<Q")
+MAX_DIMS = 64  # numpy's and torch's limit; writers refuse more (spec section 2)
+MAX_DIM_SIZE = 2**63 - 1
 ALIGNMENT = 8
 
 
@@ -368,6 +370,10 @@ def _entry(where: str, name: str, spec: Any, data_start: int) -> Entry:
             or any(type(o) is not int or o < 0 for o in offsets) or offsets[0] > offsets[1]):
         raise FormatError(f"{where}: tensor {name!r}: data_offsets must be [begin, end] with "
                           f"0 <= begin <= end, got {offsets!r:.80}")
+    if len(shape) > MAX_DIMS or any(d > MAX_DIM_SIZE for d in shape):
+        raise FormatError(f"{where}: tensor {name!r}: shape {shape!r:.80} has more than "
+                          f"{MAX_DIMS} dimensions or a dimension of 2**63 or more; the "
+                          "header is corrupt")
     numel = 1
     for dim in shape:
         numel *= dim

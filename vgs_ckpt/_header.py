@@ -144,6 +144,10 @@ def parse(container: Container, where: str,
     except pydantic.ValidationError as exc:
         raise FormatError(f"{where}: header does not match the {fmt.value} schema: "
                           f"{describe_validation(exc)}; the file is corrupt") from None
+    except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+        # e.g. a created_at whose offset takes it out of datetime's range
+        raise FormatError(f"{where}: header cannot be read ({type(exc).__name__}: "
+                          f"{str(exc)[:200]}); the file is corrupt") from None
     missing = [name for name, info in header.tensors.items() if info.digest is None]
     if missing:
         raise FormatError(f"{where}: tensor {missing[0]!r} has no digest in the header; the "

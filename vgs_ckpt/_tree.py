@@ -31,6 +31,14 @@ MAX_TREE_DEPTH = 64
 _FLOAT_SPECIALS = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
 
+# JSON integers in a tree are at most this many decimal digits (CPython's default
+# limit for parsing them; spec section 5): writers refuse bigger ones.
+MAX_INT_DIGITS = 4300
+MAX_DIMS = 64
+_TOO_BIG = 10 ** MAX_INT_DIGITS
+_SURE_SMALL_BITS = 14_000  # fewer bits than this is fewer than 4300 digits
+
+
 def escape_key(key: str | int) -> str:
     """A tree key as one segment of a tensor name: ``~`` -> ``~0``, ``/`` -> ``~1``."""
     return str(key).replace("~", "~0").replace(SEPARATOR, "~1")
@@ -161,6 +169,11 @@ class Encoder:
         if isinstance(value, np.generic):
             return {"npscalar": self._add_numpy(np.asarray(value), path)}
         if type(value) is int:
+            if value.bit_length() > _SURE_SMALL_BITS and abs(value) >= _TOO_BIG:
+                raise UsageError(
+                    f"{show_path(path)}: an int of more than {MAX_INT_DIGITS} decimal digits "
+                    "cannot be stored (readers parse JSON integers up to that, spec section "
+                    "5); store it as a string or a tensor")
             return value
         if type(value) is float:
             if math.isfinite(value):
@@ -223,6 +236,9 @@ class Encoder:
              value: Any) -> str:
         if key is not None and key in self._seen:
             return self._seen[key]
+        if len(value.shape) > MAX_DIMS:
+            raise UsageError(f"{show_path(path)}: a tensor of {len(value.shape)} dimensions "
+                             f"cannot be stored (at most {MAX_DIMS}, spec section 2)")
         name = self._name(path)
         self.arrays[name] = Array(dtype, tuple(value.shape), value)
         if key is not None:
@@ -281,7 +297,14 @@ class Decoder:
         if "float" in node:
             value = node["float"]
             if type(value) in (int, float):
-                return float(value)
+                try:
+                    number = float(value)
+                except OverflowError:
+                    number = math.inf
+                if math.isinf(number):  # JSON has no infinity: this is an overflow
+                    raise FormatError(f"float at {show_path(path)} overflows binary64 "
+                                      f"({str(value)[:20]}...); write \"inf\" for infinity")
+                return number
             if value in _FLOAT_SPECIALS:
                 return _FLOAT_SPECIALS[value]
             raise FormatError(f"malformed float at {show_path(path)}: {value!r:.80}")
@@ -296,6 +319,10 @@ class Decoder:
 
     def tensor(self, name: str, parameter: bool, requires_grad: bool) -> Any:
         tensor = self._array(name, "torch")
+        if requires_grad and not (tensor.is_floating_point() or tensor.is_complex()):
+            raise FormatError(f"tensor {name!r} of dtype {tensor.dtype} is marked "
+                              "requires_grad, which only floating-point and complex tensors "
+                              "can be")
         if parameter:
             return torch.nn.Parameter(tensor, requires_grad=requires_grad)
         return tensor.detach().requires_grad_(True) if requires_grad else tensor

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import io
 import math
-import os
 import pickle
 import re
 import zipfile

@@ -153,19 +153,31 @@ class _SpecDecoder(Decoder):
     """Decodes a tree's structure: tensors become :class:`TensorSpec`, no bytes read."""
 
     def __init__(self, container: Container) -> None:
-        entries = container.entries
+        entries = self._entries = container.entries
+        kinds: dict[str, str] = {}
 
         def spec(name: str, kind: str) -> TensorSpec:
             if name not in entries:
                 raise FormatError(f"the tree refers to tensor {name!r}, which is not in the "
                                   "file")
+            if kinds.setdefault(name, kind) != kind:
+                raise FormatError(f"tensor {name!r} is referenced both as a torch tensor and "
+                                  "as a numpy array")
             entry = entries[name]
+            if kind == "numpy" and entry.dtype.numpy is None:
+                raise FormatError(f"tensor {name!r} of dtype {entry.dtype.code} is marked as "
+                                  "a numpy array but numpy has no such dtype")
             return TensorSpec(name, entry.dtype.code, entry.shape, kind)
 
         super().__init__(spec)
 
     def tensor(self, name: str, parameter: bool, requires_grad: bool) -> Any:
-        return self._array(name, "torch")
+        found = self._array(name, "torch")
+        dtype = self._entries[name].dtype.torch
+        if requires_grad and not (dtype.is_floating_point or dtype.is_complex):
+            raise FormatError(f"tensor {name!r} of dtype {dtype} is marked requires_grad, "
+                              "which only floating-point and complex tensors can be")
+        return found
 
     def npscalar(self, name: str) -> Any:
         return TensorSpec(**{**self._array(name, "numpy").__dict__, "kind": "npscalar"})
@@ -213,6 +225,7 @@ class CheckpointReader:
         self._source, self._readahead = source, readahead
         self._container = read_container(source)
         self.header = _header.parse(self._container, self.where, vgs_error)
+        self._decode(self.header.tree, _SpecDecoder(self._container))  # the tree is sound
         self._mapped: tuple[dict[str, memoryview], bool] | None = None
 
     def _views(self) -> tuple[dict[str, memoryview], bool]:
@@ -296,8 +309,20 @@ class CheckpointReader:
     def _decode(self, node: Any, decoder: Decoder) -> Any:
         try:
             return decoder.decode(node)
+        except IntegrityError:
+            raise
         except FormatError as exc:
             raise FormatError(f"{self.where}: {exc}; the file is corrupt") from None
+        except VgsCkptError:
+            raise
+        except (TypeError, ValueError, OverflowError, RuntimeError, RecursionError,
+                MemoryError) as exc:
+            # numpy and torch refuse what the checks above let through (a shape of 65
+            # dimensions, a product that overflows): still a corrupt file, never a raw
+            # exception.
+            raise FormatError(f"{self.where}: the tree cannot be decoded "
+                              f"({type(exc).__name__}: {str(exc)[:200]}); the file is "
+                              "corrupt") from None
 
     def _check(self, names: list[str]) -> None:
         """Verify the digests of the named tensors not verified yet (big ones on two
@@ -436,7 +461,16 @@ def read_header(path: str | os.PathLike[str]) -> CheckpointHeader:
                               "safetensors file, so it has no vgs_ckpt header; read it with "
                               "vgs_ckpt.load or vgs_ckpt.open, or convert it with "
                               "`vgs-ckpt upgrade`")
-        return _header.parse(read_container(source), where)
+        container = read_container(source)
+        header = _header.parse(container, where)
+        try:  # the tree's structure, as the readers will decode it (no tensor bytes)
+            _SpecDecoder(container).decode(header.tree)
+        except VgsCkptError as exc:
+            raise FormatError(f"{where}: {exc}; the file is corrupt") from None
+        except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+            raise FormatError(f"{where}: the tree cannot be decoded ({type(exc).__name__}: "
+                              f"{str(exc)[:200]}); the file is corrupt") from None
+        return header
 
 
 def detect_format(path_or_bytes: str | os.PathLike[str] | bytes | bytearray | memoryview,

@@ -15,9 +15,10 @@ from typing import IO, Any
 
 from vgs_ckpt import _header
 from vgs_ckpt._atomic import atomic_write
-from vgs_ckpt._container import layout
+from vgs_ckpt._container import MAX_HEADER_BYTES, layout, loads_json
+from vgs_ckpt._header import META_HEADER
 from vgs_ckpt._tree import Array
-from vgs_ckpt.errors import UsageError, VgsCkptError
+from vgs_ckpt.errors import FormatError, UsageError, VgsCkptError
 from vgs_ckpt.models import CheckpointFormat, CheckpointHeader, Lineage, Producer, Provenance
 
 __all__ = ["describe", "save", "save_bytes"]
@@ -32,6 +33,7 @@ def write(stream: IO[bytes], header: CheckpointHeader, arrays: Mapping[str, Arra
     them. Returns the header as written."""
     sizes = [(n, a.dtype, a.shape, a.nbytes) for n, a in arrays.items()]
     head, order = layout(sizes, _header.metadata(header))
+    check_readable(head)  # before anything is written
     stream.write(head)
     digests: dict[str, str | Future[str]] = {}
     with ThreadPoolExecutor(1, thread_name_prefix="vgs_ckpt-hash") as pool:
@@ -49,6 +51,22 @@ def write(stream: IO[bytes], header: CheckpointHeader, arrays: Mapping[str, Arra
     stream.write(real_head)
     stream.seek(0, io.SEEK_END)
     return header
+
+
+def check_readable(head: bytes) -> None:
+    """Refuse a header that this library's reader would refuse: over the size cap, or
+    JSON that does not parse back (an integer beyond the digit limit, too deep)."""
+    if len(head) - 8 > MAX_HEADER_BYTES:
+        raise UsageError(
+            f"the header would be {len(head) - 8} bytes, over the {MAX_HEADER_BYTES}-byte "
+            "limit that readers (and the safetensors library) enforce (spec section 2); "
+            "store large strings or many small values as tensors or arrays instead")
+    try:
+        meta = loads_json(head[8:], "<header>", "safetensors header")["__metadata__"]
+        loads_json(meta[META_HEADER], "<header>", "vgs_ckpt header")
+    except FormatError as exc:
+        raise UsageError(f"the header would not read back ({exc}); nothing was "
+                         "written") from None
 
 
 def prepare(parameters: Mapping[Any, Any], where: str, **fields: Any
