@@ -17,10 +17,12 @@ import torch
 
 import vgs_ckpt
 from vgs_ckpt import UsageError, cli
-from vgs_ckpt._atomic import _umask, atomic_write, sweep_temp_files
+from vgs_ckpt._atomic import _umask, atomic_write, host_tag, sweep_temp_files
 from vgs_ckpt.pbt import CheckpointStore, HyperparamSpec, PBTConfig, PBTScheduler
 
 from .conftest import make_member
+
+HOST = host_tag()
 
 
 def _tree(value: float) -> dict:
@@ -82,13 +84,13 @@ def test_sweep_removes_a_killed_writers_temp_file_and_keeps_a_live_ones(tmp_path
         assert started.wait(30)
         temps = sorted(p.name for p in tmp_path.iterdir())
         assert len(temps) == 2 and all(n.endswith(".tmp") for n in temps)
-        assert f".{dead.pid}." in temps[0] or f".{dead.pid}." in temps[1]
+        assert f"-{dead.pid}." in temps[0] or f"-{dead.pid}." in temps[1]
         for path in tmp_path.iterdir():
             _age(path, 7200)  # old enough: the lock alone protects the live one
         removed = sweep_temp_files(tmp_path)
-        assert [p.name for p in removed] == [n for n in temps if f".{dead.pid}." in n]
+        assert [p.name for p in removed] == [n for n in temps if f"-{dead.pid}." in n]
         remaining = [p.name for p in tmp_path.iterdir()]
-        assert remaining == [n for n in temps if f".{live.pid}." in n]
+        assert remaining == [n for n in temps if f"-{live.pid}." in n]
     finally:
         live.kill()
         live.join()
@@ -98,7 +100,7 @@ def test_sweep_removes_a_killed_writers_temp_file_and_keeps_a_live_ones(tmp_path
 
 def test_an_unlocked_fresh_temp_file_of_a_live_pid_is_kept(tmp_path: Path) -> None:
     # A writer between creating its temp file and locking it: pid alive, not locked.
-    path = tmp_path / f".x.safetensors.{os.getpid()}.abcd1234.tmp"
+    path = tmp_path / f".x.safetensors.vgsckpt-{HOST}-{os.getpid()}.abcd1234.tmp"
     path.write_bytes(b"partial")
     assert sweep_temp_files(tmp_path) == []
     _age(path, 120)
@@ -107,7 +109,7 @@ def test_an_unlocked_fresh_temp_file_of_a_live_pid_is_kept(tmp_path: Path) -> No
 
 
 def test_a_locked_temp_file_is_never_removed_whatever_its_age(tmp_path: Path) -> None:
-    path = tmp_path / ".x.safetensors.999999.abcd1234.tmp"  # a pid that does not exist
+    path = tmp_path / f".x.safetensors.vgsckpt-{HOST}-999999.abcd1234.tmp"  # no such pid
     path.write_bytes(b"partial")
     _age(path, 10 * 86400)
     with open(path, "rb") as handle:
@@ -116,30 +118,35 @@ def test_a_locked_temp_file_is_never_removed_whatever_its_age(tmp_path: Path) ->
     assert sweep_temp_files(tmp_path) == [path]
 
 
-def test_old_style_temp_and_link_files(tmp_path: Path) -> None:
-    old = tmp_path / ".step_000000000001.safetensors.k3j4h5x_.tmp"  # no pid: age decides
-    link = tmp_path / ".0_step_000000000004.safetensors.999999.link"
-    unrelated = tmp_path / ".hidden"
-    for path in (old, link, unrelated):
+def test_only_files_with_the_marker_are_ever_swept(tmp_path: Path) -> None:
+    link = tmp_path / f".0_step_000000000004.safetensors.vgsckpt-{HOST}-999999.link"
+    # Not ours: old-style names, a user's own hidden temp files, another host's fresh one.
+    others = [tmp_path / ".step_000000000001.safetensors.k3j4h5x_.tmp",
+              tmp_path / ".x.y.tmp", tmp_path / ".notes.txt.12345.abcd.tmp",
+              tmp_path / ".hidden",
+              tmp_path / ".a.safetensors.vgsckpt-otherhost-999999.abcd1234.tmp"]
+    for path in (link, *others):
         path.write_bytes(b"x")
+        _age(path, 7200)
     assert sweep_temp_files(tmp_path) == [link]
-    _age(old, 7200)
-    assert sweep_temp_files(tmp_path) == [old]
-    assert unrelated.exists()
+    assert all(path.exists() for path in others)
+    # Another host's temp file only once it is a day old (its pid means nothing here).
+    _age(others[-1], 2 * 86400)
+    assert sweep_temp_files(tmp_path) == [others[-1]]
 
 
 def test_store_sweeps_when_it_opens_and_the_cli_sweeps_a_tree(tmp_path, capsys) -> None:
     member = tmp_path / "m"
     (member / "_exploits").mkdir(parents=True)
-    stale = [member / ".step_000000000003.safetensors.999999.abcd1234.tmp",
-             member / "_exploits" / ".d_step_000000000003.safetensors.999999.link"]
+    stale = [member / f".step_000000000003.safetensors.vgsckpt-{HOST}-999999.abcd1234.tmp",
+             member / "_exploits" / f".d_step_000000000003.safetensors.vgsckpt-{HOST}-999999.link"]
     for path in stale:
         path.write_bytes(b"x")
     store = CheckpointStore(tmp_path)
     assert sorted(store.swept) == sorted(stale)
     nested = tmp_path / "deep" / "er"
     nested.mkdir(parents=True)
-    (nested / ".f.safetensors.999999.abcd1234.tmp").write_bytes(b"x")
+    (nested / f".f.safetensors.vgsckpt-{HOST}-999999.abcd1234.tmp").write_bytes(b"x")
     assert cli.main(["sweep", str(tmp_path), "--dry-run"]) == 0
     assert "would remove 1 temp file" in capsys.readouterr().out
     assert cli.main(["sweep", str(tmp_path)]) == 0
@@ -218,7 +225,7 @@ def test_resume_rebuilds_every_member_from_the_headers(tmp_path: Path) -> None:
 
 def test_resume_skips_an_unreadable_file_with_a_warning(tmp_path: Path, caplog) -> None:
     _run_some(tmp_path)
-    latest = tmp_path / "0" / "step_000000000015.safetensors"
+    (latest,) = (tmp_path / "0").glob("step_000000000015_w*.safetensors")
     latest.write_bytes(b"not a checkpoint")  # damaged by hand, outside vgs_ckpt
     with caplog.at_level(logging.WARNING, logger="vgs_ckpt"):
         resumed = _population(tmp_path, resume="auto")

@@ -1,15 +1,22 @@
 """Atomic file replacement: temp file in the same directory, fsync, rename, fsync dir.
 
-A temp file is named ``.<target name>.<writer pid>.<random>.tmp`` and its writer holds
-an exclusive ``flock`` on it until the rename. :func:`sweep_temp_files` removes the
-temp files of writers that died (SIGKILL, power loss) and never touches a live one.
+A temp file is named ``.<target name>.vgsckpt-<host>-<writer pid>.<random>.tmp``
+(an exploit's pin, ``.<target name>.vgsckpt-<host>-<pid>.link``) and its writer holds
+an exclusive ``flock`` on it until the rename. The ``vgsckpt-`` marker is written by
+nothing else, so :func:`sweep_temp_files` only ever removes vgs_ckpt's own files:
+those of writers that died (SIGKILL, power loss) on this host, never a live one.
+Another host's temp files (a directory shared over NFS or Lustre, where ``flock``
+may not work and its pids mean nothing here) are left alone unless they are more
+than a day old.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
+import socket
 import tempfile
 import threading
 import time
@@ -24,16 +31,24 @@ try:
 except ImportError:  # pragma: no cover - not POSIX
     fcntl = None  # type: ignore[assignment]
 
-
+logger = logging.getLogger("vgs_ckpt")
 _UMASK_LOCK = threading.Lock()
 _UMASK_LINE = re.compile(rb"^Umask:\s*([0-7]+)$", re.MULTILINE)
-_TEMP = re.compile(r"^\.(?P<target>.+?)\.(?:(?P<pid>\d+)\.)?[A-Za-z0-9_]+\.tmp$")
-_LINK = re.compile(r"^\.(?P<target>.+?)\.(?:(?P<pid>\d+)\.)?link$")
+MARKER = "vgsckpt"
+_TEMP = re.compile(r"^\.(?P<target>.+?)\.vgsckpt-(?P<host>[A-Za-z0-9-]*)-(?P<pid>\d+)"
+                   r"\.[A-Za-z0-9_]+\.tmp\Z")
+_LINK = re.compile(r"^\.(?P<target>.+?)\.vgsckpt-(?P<host>[A-Za-z0-9-]*)-(?P<pid>\d+)\.link\Z")
 # A temp file whose lock is free but whose writer pid is alive may be a writer between
 # creating the file and locking it (microseconds); it is only swept after this long.
 MIN_TEMP_AGE = 60.0
-# A temp file without a pid in its name (vgs_ckpt < 0.3) is swept after this long.
-UNNAMED_TEMP_AGE = 3600.0
+# Another host's temp file is only swept after this long (its pid cannot be checked).
+OTHER_HOST_TEMP_AGE = 86400.0
+
+
+def host_tag() -> str:
+    """This host's name as it appears in temp file names (letters, digits, '-')."""
+    name = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:63]
+    return name or "host"
 
 
 def _umask() -> int:
@@ -53,7 +68,12 @@ def _umask() -> int:
 
 
 def temp_prefix(target: Path) -> str:
-    return f".{target.name}.{os.getpid()}."
+    return f".{target.name}.{MARKER}-{host_tag()}-{os.getpid()}."
+
+
+def link_name(target: Path) -> Path:
+    """The temp name under which an exploit's pin is linked before its rename."""
+    return target.with_name(f".{target.name}.{MARKER}-{host_tag()}-{os.getpid()}.link")
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None],
@@ -135,13 +155,16 @@ def _pid_alive(pid: int) -> bool:
 
 def sweep_temp_files(directory: str | os.PathLike[str], *, dry_run: bool = False,
                      min_age: float = MIN_TEMP_AGE) -> list[Path]:
-    """Remove the temp files that dead writers left in ``directory`` (not recursive).
+    """Remove the temp files that dead vgs_ckpt writers left in ``directory`` (not
+    recursive). Only names with the ``vgsckpt-`` marker are considered; nothing else
+    is ever touched.
 
-    A ``.*.tmp`` file is removed only when no process holds its lock and either its
-    writer's pid is gone or it is older than ``min_age`` seconds (pid reuse); a
-    ``.*.link`` file of an interrupted exploit checkout when its pid is gone or it is
-    older than ``min_age``. Files without a pid in their name (older versions) are
-    removed when unlocked and older than an hour.
+    A ``.tmp`` file of this host is removed only when no process holds its lock and
+    either its writer's pid is gone or it is older than ``min_age`` seconds (pid
+    reuse); a ``.link`` file of an interrupted exploit checkout when its pid is gone
+    or it is older than ``min_age``. Another host's files are removed only when
+    unlocked and older than a day. A file that cannot be removed (a read-only or
+    foreign directory) is skipped with a warning.
 
     Returns:
         The removed files (or, with ``dry_run``, those that would be removed).
@@ -149,27 +172,38 @@ def sweep_temp_files(directory: str | os.PathLike[str], *, dry_run: bool = False
     removed: list[Path] = []
     try:
         names = os.listdir(directory)
-    except (FileNotFoundError, NotADirectoryError):
+    except OSError:  # gone, not a directory, or not readable: nothing of ours to sweep
         return removed
     now = time.time()
+    here = host_tag()
     for name in names:
         temp, link = _TEMP.match(name), _LINK.match(name)
         found = temp or link
         if found is None:
             continue
         path = Path(directory) / name
-        pid = int(found["pid"]) if found["pid"] else None
+        pid = int(found["pid"])
         try:
             age = now - path.lstat().st_mtime
-        except FileNotFoundError:
+        except OSError:
             continue
-        stale = (age >= UNNAMED_TEMP_AGE if pid is None
-                 else not _pid_alive(pid) or age >= min_age)
-        # A link is a hard link nobody writes to; a temp file may have a live writer.
-        if stale and (link is not None or _unlocked_unlink(path, dry_run)):
-            if link is not None and not dry_run:
-                path.unlink(missing_ok=True)
-            removed.append(path)
+        if found["host"] != here:
+            stale = age >= OTHER_HOST_TEMP_AGE
+        else:
+            stale = not _pid_alive(pid) or age >= min_age
+        if not stale:
+            continue
+        try:
+            # A link is a hard link nobody writes to; a temp file may have a live writer.
+            if link is not None:
+                if not dry_run:
+                    path.unlink(missing_ok=True)
+                removed.append(path)
+            elif _unlocked_unlink(path, dry_run):
+                removed.append(path)
+        except OSError as exc:
+            logger.warning("cannot remove the stale temp file %s (%s); remove it by hand",
+                           path, exc.strerror or exc)
     return removed
 
 
@@ -177,7 +211,7 @@ def _unlocked_unlink(path: Path, dry_run: bool) -> bool:
     """Remove ``path`` if no process holds its lock (the check and the removal happen
     under our own lock); True if it was (or, with ``dry_run``, would be) removed."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
     except OSError:
         return False
     try:
@@ -192,8 +226,8 @@ def _unlocked_unlink(path: Path, dry_run: bool) -> bool:
 
 def sweep_tree(root: str | os.PathLike[str], *, dry_run: bool = False,
                min_age: float = MIN_TEMP_AGE) -> list[Path]:
-    """:func:`sweep_temp_files` in ``root`` and every directory below it."""
-    top = Path(root)
-    directories = [top, *sorted(p for p in top.rglob("*") if p.is_dir() and not p.is_symlink())]
+    """:func:`sweep_temp_files` in ``root`` and every directory below it (symlinks
+    are not followed; unreadable directories are skipped)."""
+    directories = sorted(Path(d) for d, _, _ in os.walk(root, followlinks=False))
     return [path for directory in directories
             for path in sweep_temp_files(directory, dry_run=dry_run, min_age=min_age)]

@@ -35,6 +35,7 @@ import os
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -180,8 +181,13 @@ class AsyncSaver:
         if type(max_pending) is not int or max_pending < 1:
             raise UsageError(f"max_pending must be an int >= 1, got {max_pending!r}")
         self.max_pending = max_pending
-        self._free = [_Buffer() for _ in range(max_pending)]
-        self._slots = threading.Semaphore(max_pending)
+        self._reset()
+        _SAVERS.add(self)
+
+    def _reset(self) -> None:
+        """A saver with nothing pending (at creation, and in a forked child)."""
+        self._free = [_Buffer() for _ in range(self.max_pending)]
+        self._slots = threading.Semaphore(self.max_pending)
         self._lock = threading.Lock()
         self._queue: list[tuple[Future[CheckpointHeader], _Job]] = []
         self._wake = threading.Condition(self._lock)
@@ -292,6 +298,22 @@ class AsyncSaver:
 
 _DEFAULT: list[AsyncSaver] = []  # the process-wide saver, made on first use
 _DEFAULT_LOCK = threading.Lock()
+_SAVERS: weakref.WeakSet[AsyncSaver] = weakref.WeakSet()
+
+
+def _forget_in_child() -> None:
+    """After fork, in the child: the parent's pending saves are the parent's (its
+    writer thread finishes them); the child starts with none, so it never waits at
+    exit for a future that no thread of its own will complete, and never inherits a
+    lock the writer thread held at the fork."""
+    global _DEFAULT_LOCK  # noqa: PLW0603  (a lock held at the fork stays held)
+    _DEFAULT_LOCK = threading.Lock()
+    for saver in list(_SAVERS):
+        saver._reset()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_in_child)
 
 
 def default_saver() -> AsyncSaver:

@@ -15,17 +15,23 @@ from pathlib import Path
 from typing import Any, Literal
 
 from vgs_ckpt import reader, writer
-from vgs_ckpt._atomic import atomic_write, sweep_tree
+from vgs_ckpt._atomic import atomic_write, link_name, sweep_temp_files
 from vgs_ckpt.async_save import AsyncSaver, SaveHandle, default_saver
 from vgs_ckpt.checkpoint import Checkpoint
-from vgs_ckpt.errors import CheckpointNotFoundError, UsageError, VgsCkptError
+from vgs_ckpt.errors import (
+    CheckpointIOError,
+    CheckpointNotFoundError,
+    UsageError,
+    VgsCkptError,
+)
 from vgs_ckpt.models import CheckpointFormat, Lineage
 
 __all__ = ["CheckpointRef", "CheckpointStore", "check_member_id"]
 
 logger = logging.getLogger("vgs_ckpt")
-_MEMBER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-_FILE = re.compile(r"^step_(\d{12})\.safetensors$")
+_MEMBER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # used with fullmatch
+# step_<step>_w<write number>.safetensors; files of vgs_ckpt < 0.6 have no write number.
+_FILE = re.compile(r"step_(\d{12})(?:_w(\d{12}))?\.safetensors")
 _EXPLOITS = "_exploits"
 _CHECKOUT_RETRIES = 20
 
@@ -36,7 +42,7 @@ def check_member_id(member_id: str) -> str:
     Allowed: letters, digits, ``_``, ``.``, ``-``; 1 to 128 characters; not starting
     with ``.`` or ``-``; never ``..``. So no id can escape the store's directory.
     """
-    if type(member_id) is not str or not _MEMBER_ID.match(member_id) or ".." in member_id:
+    if type(member_id) is not str or not _MEMBER_ID.fullmatch(member_id) or ".." in member_id:
         raise UsageError(f"invalid member id {member_id!r}: use 1-128 letters, digits, '_', "
                          "'.', '-', starting with a letter or digit, and no '..'")
     return member_id
@@ -57,18 +63,30 @@ class CheckpointRef:
 class CheckpointStore:
     """Per-member checkpoint files under ``root``, safe for several processes at once.
 
-    Layout: ``root/<member_id>/step_<step, 12 digits>.safetensors``. Every write is
-    atomic (temp file, fsync, rename), so a reader never sees a torn file. After each
-    save the member's files are pruned to the ``keep_last`` newest plus the
-    ``keep_best`` best by performance (``mode`` "max" or "min").
+    Layout: ``root/<member_id>/step_<step, 12 digits>_w<write number, 12
+    digits>.safetensors``. Every write is atomic (temp file, fsync, rename), so a
+    reader never sees a torn file. After each save the member's files are pruned to
+    the ``keep_last`` newest plus the ``keep_best`` best by performance (``mode``
+    "max" or "min").
 
-    "Newest" means most recently written (file modification time, then step), not
-    highest step: a run restarted from step 1 in the same directory is newer than a
-    dead run's step 208, so its checkpoints are never pruned because of the old ones,
-    and :meth:`latest` returns them as soon as it has saved.
+    "Newest" means most recently written: the member's write number, one more than
+    the highest in its directory at each save, orders its files, whatever the clock
+    or the steps say. A run restarted from step 1 in the same directory is newer
+    than a dead run's step 208, so its checkpoints are never pruned because of the
+    old ones, and :meth:`latest` returns them as soon as it has saved; a clock that
+    stepped back changes nothing. Files of vgs_ckpt < 0.6 (``step_<step>.safetensors``,
+    no write number) are older than every numbered one, and ordered among
+    themselves by modification time, then step.
 
-    Opening a store removes the temp files that killed writers left behind
-    (:func:`sweep`); a temp file a live writer still holds is never touched.
+    A file in a member's directory that cannot be read (empty, corrupt, not a
+    regular file) is skipped with a warning: it never blocks a save, retention or a
+    resume, and is never deleted (``vgs-ckpt sweep --dry-run`` lists it).
+
+    Opening a store removes the temp files that killed vgs_ckpt writers left in its
+    own directories (:func:`sweep`); a temp file a live writer still holds, and any
+    file vgs_ckpt did not write, is never touched. A store whose root this process
+    cannot write (a read-only mount, another user's directory) opens for reading,
+    with a warning; its saves fail with :class:`CheckpointIOError`.
 
     With ``async_save=True``, :meth:`save` returns once the tensors are snapshotted
     (``vgs_ckpt.save_async``; ``saver`` defaults to the process-wide one) and the
@@ -101,23 +119,57 @@ class CheckpointStore:
         self._done = threading.Condition()  # notified when a background save is settled
         self._pending: dict[str, list[SaveHandle]] = {}
         self._failed: list[BaseException] = []
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.swept: list[Path] = self.sweep()  # what this open removed
+        self._sequence: dict[str, int] = {}  # the last write number given, per member
+        self._sequence_lock = threading.Lock()
+        self._warned: set[tuple[Path, str]] = set()
+        if not self.root.is_dir():
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise CheckpointIOError(exc.errno, f"cannot create the store directory "
+                                        f"{self.root}: {exc.strerror}", str(self.root)) from None
+        self.read_only = not os.access(self.root, os.W_OK | os.X_OK)
+        if self.read_only:
+            logger.warning("%s is not writable by this process: the store is open for "
+                           "reading only, and saves to it will fail", self.root)
+        self.swept: list[Path] = [] if self.read_only else self.sweep()  # what opening removed
 
     def sweep(self, *, dry_run: bool = False) -> list[Path]:
-        """Remove temp files of dead writers anywhere under the root (member and
-        ``_exploits`` directories); returns what was (or would be) removed."""
-        return sweep_tree(self.root, dry_run=dry_run)
+        """Remove the temp files of dead vgs_ckpt writers in the store's directories
+        (the root, each member's directory and its ``_exploits``); returns what was
+        (or would be) removed. Nothing else, and nothing deeper, is touched."""
+        directories = [self.root]
+        for member_id in self._member_dirs():
+            directories += [self.root / member_id, self.root / member_id / _EXPLOITS]
+        return [path for directory in directories
+                for path in sweep_temp_files(directory, dry_run=dry_run)]
+
+    def _member_dirs(self) -> list[str]:
+        try:
+            entries = list(os.scandir(self.root))
+        except OSError:
+            return []
+        return sorted(e.name for e in entries if e.is_dir(follow_symlinks=False)
+                      and _MEMBER_ID.fullmatch(e.name) and ".." not in e.name)
+
+    def unreadable(self, member_id: str | None = None) -> list[tuple[Path, str]]:
+        """The checkpoint files (of one member, or of all) that cannot be read, with
+        why; the store skips them and never deletes them."""
+        found = []
+        for m in [member_id] if member_id is not None else self._member_dirs():
+            for path in self._paths(m):
+                try:
+                    reader.read_header(path)
+                except CheckpointNotFoundError:
+                    continue
+                except VgsCkptError as exc:
+                    found.append((path, str(exc)))
+        return found
 
     def member_ids(self) -> list[str]:
         """The ids of the members that have at least one checkpoint, sorted."""
         self._wait()
-        ids = []
-        for entry in os.scandir(self.root):
-            if entry.is_dir(follow_symlinks=False) and _MEMBER_ID.match(entry.name) \
-                    and ".." not in entry.name and self._paths(entry.name):
-                ids.append(entry.name)
-        return sorted(ids)
+        return [m for m in self._member_dirs() if self._paths(m)]
 
     def member_dir(self, member_id: str) -> Path:
         return self.root / check_member_id(member_id)
@@ -129,7 +181,8 @@ class CheckpointStore:
              ) -> CheckpointRef:
         """Save one checkpoint of a member atomically, then apply retention (in the
         background, after the commit, with ``async_save``)."""
-        path = self.member_dir(member_id) / f"step_{step:012d}.safetensors"
+        number = self._next_write_number(member_id)
+        path = self.member_dir(member_id) / f"step_{step:012d}_w{number:012d}.safetensors"
         fields: dict[str, Any] = {
             "step": step, "performance": performance, "member_id": member_id,
             "hyperparams": hyperparams, "lineage": lineage, "format": format,
@@ -143,6 +196,15 @@ class CheckpointStore:
             self._pending.setdefault(member_id, []).append(handle)
         handle.add_done_callback(lambda done: self._committed(member_id, done))
         return CheckpointRef(member_id, step, path, performance, handle)
+
+    def _next_write_number(self, member_id: str) -> int:
+        """One more than any write number of the member, on disk or given out by this
+        process (a background save may not be on disk yet)."""
+        with self._sequence_lock:
+            on_disk = max((_write_number(p) for p in self._paths(member_id)), default=0)
+            number = max(on_disk, self._sequence.get(member_id, 0)) + 1
+            self._sequence[member_id] = number
+            return number
 
     def _committed(self, member_id: str, handle: SaveHandle) -> None:
         """On the writer thread, after a background save: retention, or note the error.
@@ -184,6 +246,14 @@ class CheckpointStore:
             header = reader.read_header(path)
         except CheckpointNotFoundError:
             return None  # pruned by another process meanwhile
+        except VgsCkptError as exc:
+            # Skipped, never deleted: the user decides (vgs-ckpt sweep --dry-run lists it).
+            key = (path, type(exc).__name__)
+            if key not in self._warned:
+                self._warned.add(key)
+                logger.warning("member %s: skipping unreadable checkpoint %s (%s)",
+                               member_id, path, exc)
+            return None
         return CheckpointRef(member_id, header.step, path, header.performance)
 
     def checkpoints(self, member_id: str) -> list[CheckpointRef]:
@@ -197,20 +267,28 @@ class CheckpointStore:
         return [ref for ref in refs if ref is not None]
 
     def _paths(self, member_id: str) -> list[Path]:
-        """The member's files in write order (modification time, then step)."""
+        """The member's files in write order: by write number; files without one (from
+        vgs_ckpt < 0.6) first, by modification time, then step."""
         directory = self.member_dir(member_id)
         try:
             entries = list(os.scandir(directory))
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return []
+        except OSError as exc:
+            raise CheckpointIOError(exc.errno, f"cannot list {directory}: {exc.strerror}",
+                                    str(directory)) from None
         found = []
         for entry in entries:
-            if _FILE.match(entry.name):
-                try:
-                    found.append((entry.stat().st_mtime_ns, entry.name, directory / entry.name))
-                except FileNotFoundError:
-                    continue  # pruned meanwhile
-        return [path for _, _, path in sorted(found)]
+            match = _FILE.fullmatch(entry.name)
+            if match is None:
+                continue
+            try:
+                mtime = 0 if match[2] else entry.stat().st_mtime_ns
+            except OSError:
+                continue  # pruned meanwhile
+            found.append((int(match[2] or 0), mtime, int(match[1]), entry.name,
+                          directory / entry.name))
+        return [item[-1] for item in sorted(found)]
 
     def latest(self, member_id: str) -> CheckpointRef | None:
         """The member's most recently written checkpoint, or None."""
@@ -284,8 +362,13 @@ class CheckpointStore:
         raise VgsCkptError(f"member {member_id!r}'s checkpoints kept changing")
 
 
+def _write_number(path: Path) -> int:
+    match = _FILE.fullmatch(path.name)
+    return int(match[2]) if match and match[2] else 0
+
+
 def _link_or_copy(source: Path, target: Path) -> None:
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.link")
+    tmp = link_name(target)
     tmp.unlink(missing_ok=True)
     try:
         os.link(source, tmp)
