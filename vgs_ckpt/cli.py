@@ -14,6 +14,7 @@ from vgs_ckpt import reader
 from vgs_ckpt._atomic import MIN_TEMP_AGE, sweep_tree
 from vgs_ckpt._dtypes import BY_CODE
 from vgs_ckpt.errors import VgsCkptError
+from vgs_ckpt.pbt.store import unreadable_checkpoints
 from vgs_ckpt.schema import schema_drift, write_schemas
 from vgs_ckpt.upgrades.files import upgrade_files
 
@@ -97,19 +98,19 @@ def _inspect(args: argparse.Namespace) -> int:
         return 0
     head = info["header"]
     total = sum(t["bytes"] for t in info["tensors"])
-    print(f"file         {info['path']}")
+    print(f"file         {_safe(info['path'])}")
     print(f"container    {info['container']}")
     print(f"format       {info['format']}")
     print(f"step         {head['step']}")
     print(f"performance  {head['performance']}")
-    print(f"member       {head.get('member_id')}")
-    print(f"producer     {head['producer']['name']} {head['producer']['version']}, "
+    print(f"member       {_safe(head.get('member_id'))}")
+    print(f"producer     {_safe(head['producer']['name'])} {_safe(head['producer']['version'])}, "
           f"{head['created_at']}")
     if head.get("hyperparams"):
         print(f"hyperparams  {json.dumps(head['hyperparams'])}")
     source = (head.get("lineage") or {}).get("exploited_from")
     if source:
-        print(f"exploited    from member {source['member_id']} at step {source['step']} "
+        print(f"exploited    from member {_safe(source['member_id'])} at step {source['step']} "
               f"(performance {source['performance']})")
     vgs = head.get("vgs")
     if vgs:
@@ -128,16 +129,31 @@ def _inspect(args: argparse.Namespace) -> int:
         print(f"  action space: {_space(model.get('action_space'))}")
     print(f"tensors      {len(info['tensors'])}, {_human(total)}")
     print()
-    rows = [[t["name"], t["dtype"], "x".join(map(str, t["shape"])) or "()", _human(t["bytes"])]
-            for t in info["tensors"]]
+    rows = [[_safe(t["name"]), t["dtype"], "x".join(map(str, t["shape"])) or "()",
+             _human(t["bytes"])] for t in info["tensors"]]
     print(_table(rows, ["name", "dtype", "shape", "bytes"]))
     return 0
 
 
 def _verify(args: argparse.Namespace) -> int:
-    ckpt = reader.load(args.path, verify=True)
-    print(f"OK {args.path}: {ckpt.format.value}, {len(ckpt.header.tensors)} tensors verified")
+    ckpt = reader.load(args.path, verify=True, upgrade=False)
+    count = len(ckpt.header.tensors)
+    if ckpt.container != "safetensors":
+        print(f"OK {_safe(args.path)}: a legacy {ckpt.container} file (torch.save, "
+              f"{ckpt.format.value}); it has no digests, so nothing could be verified: it "
+              f"was read safely (weights_only) and its {count} tensors decoded. Convert it "
+              "with `vgs-ckpt upgrade` to get digests")
+        return 0
+    print(f"OK {_safe(args.path)}: {ckpt.format.value}, {count} tensors verified against "
+          "their digests")
     return 0
+
+
+def _safe(text: Any) -> str:
+    """``text`` with control and other unprintable characters escaped (``\\n``,
+    ``\\x1b``), so that a hostile name cannot rewrite the terminal."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in str(text))
 
 
 class _Progress:
@@ -194,8 +210,13 @@ def _sweep(args: argparse.Namespace) -> int:
     removed = sweep_tree(root, dry_run=args.dry_run, min_age=args.min_age)
     verb = "would remove" if args.dry_run else "removed"
     for path in removed:
-        print(f"{verb} {path}")
-    print(f"{verb} {len(removed)} temp file(s) of dead writers under {root}")
+        print(f"{verb} {_safe(path)}")
+    print(f"{verb} {len(removed)} temp file(s) of dead writers under {_safe(root)}")
+    unreadable = unreadable_checkpoints(root)
+    for path, why in unreadable:
+        print(f"unreadable checkpoint (kept; the store skips it): {_safe(path)}: {_safe(why)}")
+    if unreadable:
+        print(f"{len(unreadable)} unreadable checkpoint file(s): move or delete them yourself")
     return 0
 
 

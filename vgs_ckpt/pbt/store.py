@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import threading
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ from vgs_ckpt.errors import (
 )
 from vgs_ckpt.models import CheckpointFormat, Lineage
 
-__all__ = ["CheckpointRef", "CheckpointStore", "check_member_id"]
+__all__ = ["CheckpointRef", "CheckpointStore", "check_member_id", "unreadable_checkpoints"]
 
 logger = logging.getLogger("vgs_ckpt")
 _MEMBER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # used with fullmatch
@@ -116,11 +117,10 @@ class CheckpointStore:
         self.durable = durable
         self.async_save = async_save
         self._saver = saver
-        self._done = threading.Condition()  # notified when a background save is settled
-        self._pending: dict[str, list[SaveHandle]] = {}
         self._failed: list[BaseException] = []
         self._sequence: dict[str, int] = {}  # the last write number given, per member
-        self._sequence_lock = threading.Lock()
+        self._forget_pending()
+        _STORES.add(self)
         self._warned: set[tuple[Path, str]] = set()
         if not self.root.is_dir():
             try:
@@ -143,6 +143,13 @@ class CheckpointStore:
             directories += [self.root / member_id, self.root / member_id / _EXPLOITS]
         return [path for directory in directories
                 for path in sweep_temp_files(directory, dry_run=dry_run)]
+
+    def _forget_pending(self) -> None:
+        """No background save pending (at creation, and in a forked child, where the
+        parent's saves are the parent's)."""
+        self._done = threading.Condition()  # notified when a background save is settled
+        self._pending: dict[str, list[SaveHandle]] = {}
+        self._sequence_lock = threading.Lock()
 
     def _member_dirs(self) -> list[str]:
         try:
@@ -360,6 +367,35 @@ class CheckpointStore:
             except CheckpointNotFoundError:
                 continue
         raise VgsCkptError(f"member {member_id!r}'s checkpoints kept changing")
+
+
+def unreadable_checkpoints(root: str | os.PathLike[str]) -> list[tuple[Path, str]]:
+    """Every store checkpoint file (``step_*.safetensors``) under ``root`` that cannot be
+    read, with why (for ``vgs-ckpt sweep``)."""
+    found = []
+    for directory, _, names in sorted(os.walk(root, followlinks=False)):
+        for name in sorted(names):
+            if _FILE.fullmatch(name):
+                path = Path(directory) / name
+                try:
+                    reader.read_header(path)
+                except CheckpointNotFoundError:
+                    continue
+                except VgsCkptError as exc:
+                    found.append((path, str(exc)))
+    return found
+
+
+_STORES: weakref.WeakSet[CheckpointStore] = weakref.WeakSet()
+
+
+def _forget_in_child() -> None:
+    for store in list(_STORES):
+        store._forget_pending()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_in_child)
 
 
 def _write_number(path: Path) -> int:
