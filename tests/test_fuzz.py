@@ -32,6 +32,40 @@ def test_fuzzer_finds_no_escapes() -> None:
     assert report.slowest < 2.0
 
 
+def test_structured_fuzzer_finds_no_escapes_and_stays_bounded() -> None:
+    report = fuzz.fuzz(seed=0, seconds=25, structured=True)
+    assert report.cases >= 150
+    assert set(report.kinds) >= {"pickle-opcodes", "zip-bomb", "zip-duplicate",
+                                 "legacy-shared", "header-field"}
+    assert report.outcomes["error"] > 0 and report.outcomes["ok"] > 0
+    assert not report.escapes, report.escapes[:3]
+    assert report.slowest < 10.0
+    assert report.peak_mb < 400  # MB over the start, with bombs of up to 120 MB
+
+
+def test_a_lone_surrogate_in_a_header_is_a_format_error() -> None:
+    # Found by the structured fuzzer: "\ud800" in a VGS field made inspect crash.
+    data = _with_metadata_header(json.dumps({"format_version": "v2_full_parameters",
+                                             "member_id": "\ud800"}))
+    with pytest.raises(FormatError, match="lone surrogate"):
+        vgs_ckpt.load_bytes(data)
+
+
+def test_inspect_shows_a_legacy_vgs_state_holding_a_tensor_where_a_setting_belongs(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Found by the structured fuzzer: such a file is readable as stored (to salvage it),
+    # and inspect must show it rather than crash.
+    member = make_member()
+    member["vgs_state"]["alpha"] = torch.ones(2)
+    path = tmp_path / "m.pt"
+    torch.save({"format_version": "v2_full_parameters", "data": member}, path)
+    from vgs_ckpt import cli
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert cli.main(["inspect", str(path), "--json"]) == 0
+    assert "<tensor torch.float32 (2,)>" in capsys.readouterr().out
+
+
 def _with_metadata_header(text: str) -> bytes:
     data = vgs_ckpt.save_bytes(make_member(), step=1)
     (length,) = _LEN.unpack_from(data)

@@ -11,6 +11,7 @@ import contextlib
 import json
 import mmap
 import os
+import re
 import stat
 import struct
 from collections.abc import Iterable
@@ -347,7 +348,33 @@ def loads_json(text: str | bytes, where: str, what: str) -> Any:
         raise FormatError(f"{where}: the {what} JSON is nested "
                           f"{'too' if depth is None else f'{depth} levels'} deep, more than "
                           f"the limit of {MAX_JSON_DEPTH}; the file is corrupt or hostile")
+    raw = text if isinstance(text, str) else text.decode("utf-8")
+    if _SURROGATE_ESCAPE.search(raw) and _has_lone_surrogate(value):
+        raise FormatError(f"{where}: the {what} JSON holds a lone surrogate escape (a \\ud800-"
+                          "\\udfff that is not half of a pair), which is not valid Unicode; "
+                          "the file is corrupt or hostile")
     return value
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    """Whether any string (key or value) in a parsed JSON value is not valid Unicode."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def _no_constant(name: str) -> None:

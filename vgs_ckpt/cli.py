@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from vgs_ckpt import reader
 from vgs_ckpt._atomic import MIN_TEMP_AGE, sweep_tree
 from vgs_ckpt._dtypes import BY_CODE
@@ -46,13 +48,22 @@ def _describe(path: str) -> dict[str, Any]:
         model = _sb3_model(opened)
     info: dict[str, Any] = {"path": path, "container": container,
                             "format": header.format_version.value,
-                            "header": json.loads(header.model_dump_json(exclude={"tree"}))}
+                            "header": json.loads(header.model_dump_json(
+                                exclude={"tree"}, fallback=_shown))}
     if model is not None:
         info["sb3_model"] = model
     info["tensors"] = [{"name": name, "dtype": t.dtype, "shape": t.shape,
                         "bytes": BY_CODE[t.dtype].nbytes(t.shape)}
                        for name, t in header.tensors.items()]
     return info
+
+
+def _shown(value: Any) -> Any:
+    """How a value the header cannot hold as JSON is shown (a legacy file read as
+    stored may carry a tensor where a VGS setting belongs)."""
+    if isinstance(value, torch.Tensor):
+        return f"<tensor {value.dtype} {tuple(value.shape)}>"
+    return repr(value)
 
 
 def _sb3_model(opened: reader.CheckpointReader) -> dict[str, Any] | None:
