@@ -88,9 +88,9 @@ def test_a_legacy_zip_repacked_with_deflate_reads_correctly_everywhere(tmp_path,
     assert_same(by_path, expected)
     assert_same(by_bytes, expected)
     truth = torch.load(deflated, weights_only=True)  # what torch itself reads
-    data = truth["data"] if "data" in truth else truth
-    policy = data["policy"] if "policy" in data else data
-    got = by_path["policy"] if "policy" in by_path else by_path
+    data = truth.get("data", truth)
+    policy = data.get("policy", data)
+    got = by_path.get("policy", by_path)
     for key, value in policy.items():
         assert torch.equal(got[key], value)
     out = tmp_path / "out"
@@ -191,7 +191,7 @@ def test_truncating_a_loaded_file_cannot_kill_the_process(tmp_path) -> None:
             print("refused")
     """)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=60)
+                            timeout=60, check=False)
     assert result.returncode == 0, result.stderr  # not -7 (SIGBUS)
     assert result.stdout.split() == [str(123.0 * 1024)] * 2 + ["refused"]
 
@@ -448,7 +448,7 @@ def _finishes(call, seconds: float = 10.0):
 def _outcome(call):
     try:
         return call()
-    except BaseException as exc:  # noqa: BLE001 - the test looks at what it was
+    except BaseException as exc:  # the test looks at what it was
         return exc
 
 
@@ -470,8 +470,7 @@ def test_a_fifo_at_a_checkpoint_path_is_refused_without_blocking(tmp_path) -> No
     os.mkfifo(member / "step_000000000001_w000000000001.safetensors")
     store = CheckpointStore(tmp_path / "pop")
     assert _finishes(lambda: store.latest("0")) is None
-    for path in (tmp_path / "dev", tmp_path / "dir"):
-        (tmp_path / "dir").mkdir(exist_ok=True)
+    (tmp_path / "dir").mkdir()
     assert isinstance(_finishes(lambda: vgs_ckpt.load(tmp_path / "dir")), VgsCkptError)
     assert isinstance(_finishes(lambda: vgs_ckpt.load("/dev/zero")), VgsCkptError)
 
@@ -502,7 +501,7 @@ def test_a_forked_child_does_not_wait_for_the_parents_pending_saves(tmp_path, mo
         "print('parent done', os.path.exists(sys.argv[1]))"])
     target = tmp_path / "m.safetensors"
     result = subprocess.run([sys.executable, "-c", script, str(target)], capture_output=True,
-                            text=True, timeout=60)
+                            text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stderr
     assert "parent done True" in result.stdout
     vgs_ckpt.load(target)
