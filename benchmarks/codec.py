@@ -107,6 +107,8 @@ OPS: dict[str, Callable[[dict[str, Any], Path], Any]] = {
     "load vgs_ckpt verify": lambda m, d: touch(vgs_ckpt.load(d / "v.safetensors").parameters),
     "load vgs_ckpt no-verify": lambda m, d: touch(
         vgs_ckpt.load(d / "v.safetensors", verify=False).parameters),
+    "load vgs_ckpt verify mmap=True": lambda m, d: touch(
+        vgs_ckpt.load(d / "v.safetensors", mmap=True).parameters),
     "load safetensors": lambda m, d: touch(safetensors.torch.load_file(str(d / "s.st"))),
     "load torch.load": lambda m, d: touch(torch.load(d / "t.pt", weights_only=True)),
 }
@@ -117,6 +119,7 @@ OUTPUT = {"save vgs_ckpt": "v.", "save vgs_ckpt durable=False": "v.",
 
 
 LOAD_FILES = {"load vgs_ckpt verify": "v.safetensors", "load vgs_ckpt no-verify": "v.safetensors",
+              "load vgs_ckpt verify mmap=True": "v.safetensors",
               "load safetensors": "s.st", "load torch.load": "t.pt"}
 
 

@@ -14,9 +14,11 @@ import os
 import re
 import stat
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import IO, Any, Literal, Protocol, TypeAlias
+
+import numpy as np
 
 from vgs_ckpt._dtypes import BY_CODE, DType
 from vgs_ckpt.errors import (
@@ -76,10 +78,12 @@ class Source(Protocol):
 
     def read(self, offset: int, count: int) -> bytes: ...
 
-    def views(self, container: Container, readahead: bool = True
-              ) -> tuple[dict[str, memoryview], bool]:
-        """Zero-copy views of every tensor's bytes, and whether they may be shared
-        (writable, private to this process) rather than copied."""
+    def views(self, container: Container, readahead: bool = True,
+              on_ready: Ready | None = None) -> tuple[dict[str, memoryview], bool]:
+        """Views of every tensor's bytes, and whether they may be shared (writable,
+        private to this process) rather than copied. ``on_ready(name, view)`` is
+        called for each tensor as soon as its bytes are in memory (so hashing can
+        overlap reading)."""
         ...
 
 
@@ -98,6 +102,16 @@ def _read_into(fd: int, buffer: memoryview, offset: int, where: str) -> None:
                               f"offset {offset}, got {done}; the file is incomplete (or "
                               "was cut short while being read) - re-save it")
         done += count
+
+
+Ready = Callable[[str, memoryview], None]
+_READ_CHUNK = 8 * 1024 * 1024  # tensors are read in runs of about this many bytes
+
+
+def _notify(views: dict[str, memoryview], on_ready: Ready | None) -> None:
+    if on_ready is not None:
+        for name, view in views.items():
+            on_ready(name, view)
 
 
 class _LazyViews(dict[str, memoryview]):
@@ -133,21 +147,19 @@ class FileSource:
                               f"{offset}, got {len(data)}; the file is incomplete - re-save it")
         return data
 
-    def views(self, container: Container, readahead: bool = True
-              ) -> tuple[dict[str, memoryview], bool]:
+    def views(self, container: Container, readahead: bool = True,
+              on_ready: Ready | None = None) -> tuple[dict[str, memoryview], bool]:
         if container.total_bytes == container.header_bytes:
-            return {name: memoryview(b"") for name in container.entries}, False
+            views = {name: memoryview(b"") for name in container.entries}
+            _notify(views, on_ready)
+            return views, False
         if not self._mmap:
             # Memory this process owns: the bytes verified are the bytes returned, and
             # a later change to the file (an in-place rewrite, a truncation) cannot
             # change them or raise SIGBUS.
             if not readahead:
                 return _LazyViews(self._fd, container, self.where), True
-            data = memoryview(bytearray(container.total_bytes - container.header_bytes))
-            _read_into(self._fd, data, container.header_bytes, self.where)
-            base = container.header_bytes
-            return {n: data[e.start - base:e.end - base]
-                    for n, e in container.entries.items()}, True
+            return self._read_all(container, on_ready), True
         # mmap=True: a private (copy-on-write) mapping: tensors are views of the page
         # cache and a write to a tensor never reaches the file, but a non-atomic writer
         # that rewrites the file in place changes them, and truncating it raises SIGBUS.
@@ -161,7 +173,32 @@ class FileSource:
             raise FormatError(f"{self.where}: cannot map the tensor data ({exc}); the file "
                               "changed while being read, or is truncated") from None
         whole = memoryview(mapping)
-        return {n: whole[e.start:e.end] for n, e in container.entries.items()}, True
+        views = {n: whole[e.start:e.end] for n, e in container.entries.items()}
+        _notify(views, on_ready)
+        return views, True
+
+    def _read_all(self, container: Container, on_ready: Ready | None
+                  ) -> dict[str, memoryview]:
+        """The data region read into one uninitialised buffer (no zero-filling), in
+        runs of about :data:`_READ_CHUNK` bytes, each tensor announced as it lands."""
+        base = container.header_bytes
+        data = np.empty(container.total_bytes - base, dtype=np.uint8).data.cast("B")
+        views: dict[str, memoryview] = {}
+        run: list[Entry] = []
+        for entry in [*container.entries.values(), None]:  # in file order, then a flush
+            if entry is not None:
+                run.append(entry)
+                if entry.end - run[0].start < _READ_CHUNK:
+                    continue
+            if run:
+                start, end = run[0].start - base, run[-1].end - base
+                _read_into(self._fd, data[start:end], run[0].start, self.where)
+                for e in run:
+                    views[e.name] = data[e.start - base:e.end - base]
+                    if on_ready is not None:
+                        on_ready(e.name, views[e.name])
+                run = []
+        return views
 
 
 def open_file(path: str | os.PathLike[str]) -> IO[bytes]:
@@ -216,10 +253,12 @@ class BytesSource:
                               f"{offset}, only {max(0, len(self._data) - offset)} remain")
         return bytes(self._data[offset:offset + count])
 
-    def views(self, container: Container, readahead: bool = True
-              ) -> tuple[dict[str, memoryview], bool]:
+    def views(self, container: Container, readahead: bool = True,
+              on_ready: Ready | None = None) -> tuple[dict[str, memoryview], bool]:
         # The caller's bytes may be immutable or reused: arrays are copied out.
-        return {n: self._data[e.start:e.end] for n, e in container.entries.items()}, False
+        views = {n: self._data[e.start:e.end] for n, e in container.entries.items()}
+        _notify(views, on_ready)
+        return views, False
 
 
 def layout(arrays: Iterable[tuple[str, DType, tuple[int, ...], int]],

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
@@ -331,12 +331,25 @@ class CheckpointReader:
         todo = [n for n in names if n not in self._verified and n in entries]
         if not self._verify or not todo:
             return
-        views, _ = self._views()
-        big = [n for n in todo if entries[n].nbytes > _INLINE_HASH]
+        wanted = set(todo)
+        pending: dict[str, str | Future[str]] = {}
         with ThreadPoolExecutor(_HASH_THREADS, thread_name_prefix="vgs_ckpt-hash") as pool:
-            digests = dict(zip(big, pool.map(lambda n: _header.digest(views[n]), big),
-                               strict=True))
-        digests.update({n: _header.digest(views[n]) for n in todo if n not in digests})
+
+            def ready(name: str, view: memoryview) -> None:
+                # Hash each tensor as soon as its bytes are in memory: reading the next
+                # ones overlaps hashing these.
+                if name in wanted and name not in pending:
+                    pending[name] = (pool.submit(_header.digest, view)
+                                     if entries[name].nbytes > _INLINE_HASH
+                                     else _header.digest(view))
+
+            if self._mapped is None:
+                self._mapped = self._source.views(self._container, readahead=self._readahead,
+                                                  on_ready=ready)
+            views = self._mapped[0]
+            for name in todo:
+                ready(name, views[name])  # the lazy reader reads each here
+            digests = {n: d if isinstance(d, str) else d.result() for n, d in pending.items()}
         bad = [n for n in todo if digests[n] != self.header.tensors[n].digest]
         self._verified.update(n for n in todo if n not in bad)
         if bad:
