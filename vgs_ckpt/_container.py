@@ -2,7 +2,8 @@
 
 Parsing is done here rather than by the safetensors library so that the
 header can be read without touching tensor bytes, every malformation gets a
-precise error, and tensors can be mapped without a copy.
+precise error, and tensor bytes are read into memory the process owns (or, on
+request, mapped without a copy).
 """
 
 from __future__ import annotations

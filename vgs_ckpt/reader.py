@@ -229,7 +229,8 @@ class CheckpointReader:
         self._mapped: tuple[dict[str, memoryview], bool] | None = None
 
     def _views(self) -> tuple[dict[str, memoryview], bool]:
-        """The tensors' bytes, mapped on the first read (opening reads the header only)."""
+        """The tensors' bytes, read (or mapped) on the first access (opening reads the
+        header only)."""
         if self._mapped is None:
             self._mapped = self._source.views(self._container, readahead=self._readahead)
         return self._mapped
