@@ -16,6 +16,7 @@ import re
 import stat
 import struct
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import IO, Any, Literal, Protocol, TypeAlias
 
@@ -180,26 +181,44 @@ class FileSource:
 
     def _read_all(self, container: Container, on_ready: Ready | None
                   ) -> dict[str, memoryview]:
-        """The data region read into one uninitialised buffer (no zero-filling), in
-        runs of about :data:`_READ_CHUNK` bytes, each tensor announced as it lands."""
-        base = container.header_bytes
-        data = np.empty(container.total_bytes - base, dtype=np.uint8).data.cast("B")
+        """The data region read in runs of about :data:`_READ_CHUNK` bytes, each into
+        memory of its own that a helper thread allocates (pre-faulted) ahead of the
+        reads, each tensor announced as it lands."""
+        runs: list[list[Entry]] = [[]]
+        for entry in container.entries.values():  # in file order
+            if runs[-1] and entry.end - runs[-1][0].start > _READ_CHUNK:
+                runs.append([])
+            runs[-1].append(entry)
         views: dict[str, memoryview] = {}
-        run: list[Entry] = []
-        for entry in [*container.entries.values(), None]:  # in file order, then a flush
-            if entry is not None:
-                run.append(entry)
-                if entry.end - run[0].start < _READ_CHUNK:
-                    continue
-            if run:
-                start, end = run[0].start - base, run[-1].end - base
-                _read_into(self._fd, data[start:end], run[0].start, self.where)
+        with ThreadPoolExecutor(1, thread_name_prefix="vgs_ckpt-alloc") as alloc:
+            buffers = [alloc.submit(_owned_buffer, run[-1].end - run[0].start)
+                       for run in runs if run]
+            for run, buffer in zip([r for r in runs if r], buffers, strict=True):
+                data = buffer.result()
+                _read_into(self._fd, data, run[0].start, self.where)
                 for e in run:
-                    views[e.name] = data[e.start - base:e.end - base]
+                    views[e.name] = data[e.start - run[0].start:e.end - run[0].start]
                     if on_ready is not None:
                         on_ready(e.name, views[e.name])
-                run = []
         return views
+
+
+_POPULATE_FROM = 1024 * 1024
+
+
+def _owned_buffer(size: int) -> memoryview:
+    """Writable memory of ``size`` bytes, not zero-filled by us. Large buffers are
+    anonymous mappings populated by the kernel in one go (``MAP_POPULATE``): much
+    cheaper than faulting each page in while reading into it, and returned to the
+    system when the last tensor using them goes."""
+    flags = getattr(mmap, "MAP_POPULATE", 0)
+    if size >= _POPULATE_FROM and flags:
+        try:
+            return memoryview(mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+                                        | flags))
+        except OSError:
+            pass  # e.g. no overcommit for a populated mapping: the heap will do
+    return np.empty(size, dtype=np.uint8).data.cast("B")
 
 
 def open_file(path: str | os.PathLike[str]) -> IO[bytes]:

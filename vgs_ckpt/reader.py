@@ -97,13 +97,18 @@ def _array(kind: str, entry: Entry, raw: memoryview, shared: bool) -> Any:
                               "numpy array but numpy has no such dtype")
         array = np.frombuffer(raw, dtype=dtype.numpy).reshape(entry.shape)
         return array if shared else array.copy()
-    if shared and entry.nbytes and entry.start % dtype.itemsize == 0:
+    if shared and entry.nbytes and _address(raw) % dtype.itemsize == 0:
         flat = torch.frombuffer(raw, dtype=torch.uint8)
         return flat.view(dtype.torch).reshape(entry.shape)
     tensor = torch.empty(entry.shape, dtype=dtype.torch)
     if entry.nbytes:
         tensor.reshape(-1).view(torch.uint8).numpy()[:] = np.frombuffer(raw, dtype=np.uint8)
     return tensor
+
+
+def _address(raw: memoryview) -> int:
+    """Where ``raw``'s bytes start in memory (a view of them is aligned or not)."""
+    return int(np.frombuffer(raw, dtype=np.uint8).ctypes.data) if len(raw) else 0
 
 
 def _references(node: Any) -> list[str]:
