@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import pickle
 import re
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 
 import torch
 
@@ -59,11 +60,12 @@ class LegacyCheckpoint:
     has_optimizer_state: bool | None  # None when the file has no such flag
 
 
-def _stored_zip(data: bytes, where: str) -> bytes:
-    """The archive with every record stored (uncompressed), within the bounds."""
-    budget = MAX_EXPANSION * len(data) + EXPANSION_SLACK
+def _stored_zip(data: bytes | IO[bytes], size: int, where: str) -> bytes | IO[bytes]:
+    """The archive with every record stored (uncompressed), within the bounds: the
+    input itself when it already is (a file is then read by torch directly)."""
+    budget = MAX_EXPANSION * size + EXPANSION_SLACK
     try:
-        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        with zipfile.ZipFile(io.BytesIO(data) if isinstance(data, bytes) else data) as archive:
             infos = archive.infolist()
             if len(infos) > _MAX_RECORDS:
                 raise FormatError(f"{where}: the zip holds {len(infos)} records (at most "
@@ -101,12 +103,15 @@ def _stored_zip(data: bytes, where: str) -> bytes:
                           f"{exc}); the file is corrupt or truncated") from None
 
 
-def _torch_load(data: bytes, container: str, map_location: str | torch.device,
-                where: str) -> Any:
+def _torch_load(data: bytes | IO[bytes], size: int, container: str,
+                map_location: str | torch.device, where: str) -> Any:
     if container == "torch-zip":
-        data = _stored_zip(data, where)
+        data = _stored_zip(data, size, where)
     try:
-        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+        if isinstance(data, bytes):
+            data = io.BytesIO(data)
+        data.seek(0)
+        return torch.load(data, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         found = _GLOBAL.search(str(exc))
         if found or "weights only" in str(exc).lower():
@@ -195,19 +200,24 @@ def _flag(value: Any, where: str) -> bool | None:
                       f"{type(value).__name__} {value!r:.60}")
 
 
-def read_legacy(data: bytes | bytearray | memoryview, *, container: str,
+def read_legacy(data: bytes | bytearray | memoryview | IO[bytes], *, container: str,
                 map_location: str | torch.device = "cpu", where: str = "<bytes>"
                 ) -> LegacyCheckpoint:
-    """Read and classify a legacy ``torch.save`` checkpoint with ``weights_only=True``.
+    """Read and classify a legacy ``torch.save`` checkpoint with ``weights_only=True``,
+    from its bytes or from an open file (read by the same code: the results agree).
 
     Raises:
         UnsafeCheckpointError: the pickle asks for a global beyond the safe set.
         UnsupportedVersionError: the file names a newer format than this library knows.
         FormatError: the file is corrupt, not a checkpoint, or beyond the bounds above.
     """
-    raw = bytes(data)
-    obj = _torch_load(raw, container, map_location, where)
-    _check_bounds(obj, len(raw), where)
+    if isinstance(data, bytes | bytearray | memoryview):
+        raw: bytes | IO[bytes] = data if isinstance(data, bytes) else bytes(data)
+        size = len(raw)  # type: ignore[arg-type]
+    else:
+        raw, size = data, os.fstat(data.fileno()).st_size
+    obj = _torch_load(raw, size, container, map_location, where)
+    _check_bounds(obj, size, where)
     if isinstance(obj, Mapping) and "format_version" in obj:
         fmt = check_format_version(obj["format_version"], where)
         if "data" not in obj:

@@ -210,8 +210,10 @@ class CheckpointReader:
         self._loaded: dict[Any, Any] | None = None
         self.container: ContainerKind = sniff_source(source)
         if self.container != "safetensors":
-            # The same bytes whether they come from a path or from memory.
-            raw = legacy_data if legacy_data is not None else source.read(0, source.size())
+            # The same reader whether the bytes come from a file or from memory.
+            raw = legacy_data if legacy_data is not None else handle
+            if raw is None:
+                raise AssertionError("a legacy file is read from its handle or its bytes")
             found = legacy.read_legacy(raw, container=self.container, map_location=device,
                                        where=self.where)
             mtime = datetime.fromtimestamp(os.stat(path).st_mtime, UTC) if path else None
@@ -595,7 +597,7 @@ def load(path: str | os.PathLike[str], *, map_location: str | torch.device | Non
     with open_file(path) as handle:
         where = os.fspath(path)
         reader = CheckpointReader(FileSource(handle, where, use_mmap=mmap), path=where,
-                                  device=device, verify=verify, readahead=True,
+                                  device=device, verify=verify, readahead=True, handle=handle,
                                   vgs_error=FormatError if upgrade else None)
         return _finish(reader, upgrade)
 
