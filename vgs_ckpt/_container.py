@@ -155,6 +155,11 @@ class FileSource:
             views = {name: memoryview(b"") for name in container.entries}
             _notify(views, on_ready)
             return views, False
+        if readahead:  # without: a lazy reader, only what it asks for is read
+            with contextlib.suppress(OSError, AttributeError):  # hints only: the disk
+                # reads ahead while memory is prepared and the first bytes are hashed
+                os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+                os.posix_fadvise(self._fd, container.header_bytes, 0, os.POSIX_FADV_WILLNEED)
         if not self._mmap:
             # Memory this process owns: the bytes verified are the bytes returned, and
             # a later change to the file (an in-place rewrite, a truncation) cannot
@@ -165,10 +170,6 @@ class FileSource:
         # mmap=True: a private (copy-on-write) mapping: tensors are views of the page
         # cache and a write to a tensor never reaches the file, but a non-atomic writer
         # that rewrites the file in place changes them, and truncating it raises SIGBUS.
-        if readahead:  # without: a lazy reader, only the pages it touches are read
-            with contextlib.suppress(OSError, AttributeError):  # hints only
-                os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-                os.posix_fadvise(self._fd, container.header_bytes, 0, os.POSIX_FADV_WILLNEED)
         try:
             mapping = mmap.mmap(self._fd, container.total_bytes, access=mmap.ACCESS_COPY)
         except (OSError, ValueError) as exc:
