@@ -6,9 +6,10 @@ or from memory, so ``load(path)`` and ``load_bytes`` agree), with
 (spec section 10):
 
 - zip records may be stored or compressed (a zip tool re-packs with deflate):
-  compressed ones are decompressed here, at most :data:`MAX_EXPANSION` times the
-  file's size plus :data:`EXPANSION_SLACK` bytes in all, and handed to torch as a
-  stored archive; duplicate record names are refused;
+  every record is read here with its CRC-32 checked (compressed ones decompressed,
+  at most :data:`MAX_EXPANSION` times the file's size plus :data:`EXPANSION_SLACK`
+  bytes in all) and handed to torch as a stored archive; duplicate record names
+  are refused;
 - the unpickled object may hold at most ``MAX_OBJECTS_PER_BYTE`` containers and
   leaves per byte of the file (plus :data:`OBJECT_SLACK`), counted as the tree
   would be written (a list referenced twice counts twice), and no cycle;
@@ -60,9 +61,9 @@ class LegacyCheckpoint:
     has_optimizer_state: bool | None  # None when the file has no such flag
 
 
-def _stored_zip(data: bytes | IO[bytes], size: int, where: str) -> bytes | IO[bytes]:
-    """The archive with every record stored (uncompressed), within the bounds: the
-    input itself when it already is (a file is then read by torch directly)."""
+def _stored_zip(data: bytes | IO[bytes], size: int, where: str) -> bytes:
+    """The archive rebuilt with every record stored (uncompressed) and its CRC-32
+    checked, within the bounds."""
     budget = MAX_EXPANSION * size + EXPANSION_SLACK
     try:
         with zipfile.ZipFile(io.BytesIO(data) if isinstance(data, bytes) else data) as archive:
@@ -76,8 +77,10 @@ def _stored_zip(data: bytes | IO[bytes], size: int, where: str) -> bytes | IO[by
                 raise FormatError(f"{where}: the zip holds two records named {duplicate!r}; "
                                   "which one torch would read is ambiguous, so the file is "
                                   "refused")
-            if all(info.compress_type == zipfile.ZIP_STORED for info in infos):
-                return data
+            # Every archive is rebuilt from its records as zipfile reads them (each
+            # one's CRC-32 checked), so torch only ever parses an archive written by
+            # zipfile: its readers from a file and from memory disagree on damaged
+            # local headers, and neither checks the CRC of a stored record.
             out = io.BytesIO()
             with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as stored:
                 for info in infos:

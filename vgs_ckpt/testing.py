@@ -148,6 +148,13 @@ def vgs_states(version: str = "3.2", num_params: int = 3) -> st.SearchStrategy[d
                                                     max_size=num_params))
 
 
+def _bytes_of(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor's bytes in C order, whatever its strides (a size-1 view with stride 17
+    counts as contiguous, yet cannot be viewed as bytes)."""
+    flat = tensor.detach().cpu().reshape(-1).clone(memory_format=torch.contiguous_format)
+    return flat.view(torch.uint8)
+
+
 def _expect(condition: bool, message: str) -> None:
     # An explicit raise, not `assert`: it must hold under `python -O` too.
     if not condition:
@@ -168,8 +175,7 @@ def assert_trees_equal(actual: Any, expected: Any, path: str = "$") -> None:
         _expect(actual.dtype == expected.dtype, f"{path}: dtype {actual.dtype} != {expected.dtype}")
         _expect(actual.shape == expected.shape, f"{path}: shape {actual.shape} != {expected.shape}")
         _expect(actual.requires_grad == expected.requires_grad, f"{path}: requires_grad differs")
-        a = actual.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-        e = expected.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        a, e = (_bytes_of(t) for t in (actual, expected))
         _expect(torch.equal(a, e), f"{path}: tensor bytes differ")
     elif isinstance(expected, np.ndarray | np.generic):
         _expect(actual.dtype == expected.dtype and actual.shape == expected.shape,
