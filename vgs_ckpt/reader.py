@@ -315,22 +315,7 @@ class CheckpointReader:
     get_tensor = tensor  # the name safetensors' safe_open uses
 
     def _decode(self, node: Any, decoder: Decoder) -> Any:
-        try:
-            return decoder.decode(node)
-        except IntegrityError:
-            raise
-        except FormatError as exc:
-            raise FormatError(f"{self.where}: {exc}; the file is corrupt") from None
-        except VgsCkptError:
-            raise
-        except (TypeError, ValueError, OverflowError, RuntimeError, RecursionError,
-                MemoryError) as exc:
-            # numpy and torch refuse what the checks above let through (a shape of 65
-            # dimensions, a product that overflows): still a corrupt file, never a raw
-            # exception.
-            raise FormatError(f"{self.where}: the tree cannot be decoded "
-                              f"({type(exc).__name__}: {str(exc)[:200]}); the file is "
-                              "corrupt") from None
+        return _decode(node, decoder, self.where)
 
     def _check(self, names: list[str]) -> None:
         """Verify the digests of the named tensors not verified yet (big ones on two
@@ -402,6 +387,24 @@ class CheckpointReader:
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+
+def _decode(node: Any, decoder: Decoder, where: str) -> Any:
+    """``decoder.decode(node)``, every failure a FormatError naming the file."""
+    try:
+        return decoder.decode(node)
+    except IntegrityError:
+        raise
+    except FormatError as exc:
+        raise FormatError(f"{where}: {exc}; the file is corrupt") from None
+    except VgsCkptError:
+        raise
+    except (TypeError, ValueError, OverflowError, RuntimeError, RecursionError,
+            MemoryError) as exc:
+        # numpy and torch refuse what the checks let through (a shape of 65 dimensions,
+        # a product that overflows): still a corrupt file, never a raw exception.
+        raise FormatError(f"{where}: the tree cannot be decoded ({type(exc).__name__}: "
+                          f"{str(exc)[:200]}); the file is corrupt") from None
 
 
 def _leaves(node: Any) -> list[Any]:
@@ -484,13 +487,8 @@ def read_header(path: str | os.PathLike[str]) -> CheckpointHeader:
                               "`vgs-ckpt upgrade`")
         container = read_container(source)
         header = _header.parse(container, where)
-        try:  # the tree's structure, as the readers will decode it (no tensor bytes)
-            _SpecDecoder(container).decode(header.tree)
-        except VgsCkptError as exc:
-            raise FormatError(f"{where}: {exc}; the file is corrupt") from None
-        except (TypeError, ValueError, OverflowError, RecursionError) as exc:
-            raise FormatError(f"{where}: the tree cannot be decoded ({type(exc).__name__}: "
-                              f"{str(exc)[:200]}); the file is corrupt") from None
+        # The tree's structure, as the readers will decode it (no tensor bytes).
+        _decode(header.tree, _SpecDecoder(container), where)
         return header
 
 
