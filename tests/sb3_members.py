@@ -100,6 +100,17 @@ def build(name: str, seed: int = 0, *, vgs: bool = True) -> Any:
 REPLAY = {"SAC", "TD3", "DQN", "TQC", "QRDQN", "CrossQ"}
 
 
+def comparable(tree: Any) -> Any:
+    """A tree as plain dicts and lists, without the wall-clock times (``t``) of episode
+    infos, for assert_trees_equal."""
+    import torch
+    if isinstance(tree, dict):
+        return {k: comparable(v) for k, v in tree.items() if k != "t"}
+    if isinstance(tree, list | tuple):
+        return [comparable(v) for v in tree]
+    return tree.detach() if isinstance(tree, torch.Tensor) else tree
+
+
 def reseed(model: Any, seed: int) -> None:
     """Seed the env's next reset and make the next learn() start with one."""
     env = model.get_env()

@@ -21,22 +21,13 @@ from gymnasium import spaces
 from stable_baselines3 import PPO, SAC
 from stable_baselines3.common.utils import LinearSchedule
 
-from tests.sb3_members import REPLAY, build, reseed
+from tests.sb3_members import REPLAY, build, comparable, reseed
 from vgs_ckpt.integrations import sb3
 from vgs_ckpt.integrations.sb3.files import space_from_json, space_to_json
 from vgs_ckpt.testing import assert_trees_equal
 
 pytestmark = pytest.mark.sb3
 ROOT = Path(__file__).parent.parent
-
-
-def comparable(tree):
-    """A tree as plain dicts and lists, without the wall-clock times of episode infos."""
-    if isinstance(tree, dict):
-        return {k: comparable(v) for k, v in tree.items() if k != "t"}
-    if isinstance(tree, list | tuple):
-        return [comparable(v) for v in tree]
-    return tree.detach() if isinstance(tree, torch.Tensor) else tree
 
 
 # --- bit-exact continuation in a fresh process -------------------------------------------

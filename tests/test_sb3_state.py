@@ -21,20 +21,12 @@ from stable_baselines3 import PPO
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.vec_env import VecNormalize
 
-from tests.sb3_members import build
+from tests.sb3_members import build, comparable
 from vgs_ckpt.integrations import sb3
 from vgs_ckpt.pbt import PBTConfig, PBTScheduler
 from vgs_ckpt.testing import assert_trees_equal
 
 pytestmark = pytest.mark.sb3
-
-
-def plain(tree):
-    if isinstance(tree, dict):
-        return {k: plain(v) for k, v in tree.items() if k != "t"}
-    if isinstance(tree, list | tuple):
-        return [plain(v) for v in tree]
-    return tree.detach() if isinstance(tree, torch.Tensor) else tree
 
 
 def normalized_ppo(seed: int, n_envs: int = 4) -> PPO:
@@ -214,7 +206,7 @@ def test_after_an_exploit_every_learned_tensor_and_statistic_is_the_donors(name)
                 for group in value["param_groups"]:
                     group.pop("lr", None)
         tree["vgs"] = {k: v for k, v in tree["vgs"].items() if k != "alpha"}
-    assert_trees_equal(plain(mine), plain(theirs))
+    assert_trees_equal(comparable(mine), comparable(theirs))
     assert sb3.vgs_scaler(recipient).alpha == 0.3
 
 
@@ -272,8 +264,8 @@ def test_sb3_contrib_exploits_carry_the_whole_state(name, tmp_path) -> None:
     vgs_ckpt.save(path, sb3.get_state(donor), step=donor.num_timesteps)
     sb3.set_state(recipient, vgs_ckpt.load(path).parameters)
     for key in donor._get_torch_save_params()[0]:
-        assert_trees_equal(plain(sb3.get_state(recipient)[key]),
-                           plain(sb3.get_state(donor)[key]))
+        assert_trees_equal(comparable(sb3.get_state(recipient)[key]),
+                           comparable(sb3.get_state(donor)[key]))
     if name == "TQC":
         assert torch.equal(recipient.log_ent_coef.detach(), donor.log_ent_coef.detach())
     if name == "ARS":  # its flat weight copy follows the restored policy

@@ -35,9 +35,9 @@ logger = logging.getLogger("vgs_ckpt")
 _UMASK_LOCK = threading.Lock()
 _UMASK_LINE = re.compile(rb"^Umask:\s*([0-7]+)$", re.MULTILINE)
 MARKER = "vgsckpt"
-_TEMP = re.compile(r"^\.(?P<target>.+?)\.vgsckpt-(?P<host>[A-Za-z0-9-]*)-(?P<pid>\d+)"
-                   r"\.[A-Za-z0-9_]+\.tmp\Z")
-_LINK = re.compile(r"^\.(?P<target>.+?)\.vgsckpt-(?P<host>[A-Za-z0-9-]*)-(?P<pid>\d+)\.link\Z")
+_TAG = rf"\.{MARKER}-(?P<host>[A-Za-z0-9-]*)-(?P<pid>\d+)"  # who wrote it, where
+_TEMP = re.compile(rf"^\.(?P<target>.+?){_TAG}\.[A-Za-z0-9_]+\.tmp\Z")
+_LINK = re.compile(rf"^\.(?P<target>.+?){_TAG}\.link\Z")
 # A temp file whose lock is free but whose writer pid is alive may be a writer between
 # creating the file and locking it (microseconds); it is only swept after this long.
 MIN_TEMP_AGE = 60.0
@@ -68,12 +68,14 @@ def _umask() -> int:
 
 
 def temp_prefix(target: Path) -> str:
+    """``.<target name>.vgsckpt-<host>-<pid>.``: what every temp name of this writer
+    starts with (the marker the sweep looks for)."""
     return f".{target.name}.{MARKER}-{host_tag()}-{os.getpid()}."
 
 
 def link_name(target: Path) -> Path:
     """The temp name under which an exploit's pin is linked before its rename."""
-    return target.with_name(f".{target.name}.{MARKER}-{host_tag()}-{os.getpid()}.link")
+    return target.with_name(f"{temp_prefix(target)}link")
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None],

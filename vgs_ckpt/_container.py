@@ -127,7 +127,7 @@ class _LazyViews(dict[str, memoryview]):
 
     def __missing__(self, name: str) -> memoryview:
         entry = self._container.entries[name]
-        buffer = memoryview(bytearray(entry.nbytes))
+        buffer = _owned_buffer(entry.nbytes)
         _read_into(self._fd, buffer, entry.start, self._where)
         self[name] = buffer
         return buffer
@@ -185,16 +185,15 @@ class FileSource:
         """The data region read in runs of about :data:`_READ_CHUNK` bytes, each into
         memory of its own that a helper thread allocates (pre-faulted) ahead of the
         reads, each tensor announced as it lands."""
-        runs: list[list[Entry]] = [[]]
+        runs: list[list[Entry]] = []
         for entry in container.entries.values():  # in file order
-            if runs[-1] and entry.end - runs[-1][0].start > _READ_CHUNK:
+            if not runs or entry.end - runs[-1][0].start > _READ_CHUNK:
                 runs.append([])
             runs[-1].append(entry)
         views: dict[str, memoryview] = {}
         with ThreadPoolExecutor(1, thread_name_prefix="vgs_ckpt-alloc") as alloc:
-            buffers = [alloc.submit(_owned_buffer, run[-1].end - run[0].start)
-                       for run in runs if run]
-            for run, buffer in zip([r for r in runs if r], buffers, strict=True):
+            buffers = [alloc.submit(_owned_buffer, run[-1].end - run[0].start) for run in runs]
+            for run, buffer in zip(runs, buffers, strict=True):
                 data = buffer.result()
                 _read_into(self._fd, data, run[0].start, self.where)
                 for e in run:
@@ -395,8 +394,8 @@ def loads_json(text: str | bytes, where: str, what: str) -> Any:
             :data:`MAX_JSON_DEPTH`.
     """
     try:
-        value = json.loads(text.decode("utf-8") if isinstance(text, bytes) else text,
-                           parse_constant=_no_constant)
+        raw = text.decode("utf-8") if isinstance(text, bytes) else text
+        value = json.loads(raw, parse_constant=_no_constant)
     except RecursionError:  # the C parser's own stack guard
         value, depth = None, None
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, a bad constant
@@ -408,7 +407,6 @@ def loads_json(text: str | bytes, where: str, what: str) -> Any:
         raise FormatError(f"{where}: the {what} JSON is nested "
                           f"{'too' if depth is None else f'{depth} levels'} deep, more than "
                           f"the limit of {MAX_JSON_DEPTH}; the file is corrupt or hostile")
-    raw = text if isinstance(text, str) else text.decode("utf-8")
     if _SURROGATE_ESCAPE.search(raw) and _has_lone_surrogate(value):
         raise FormatError(f"{where}: the {what} JSON holds a lone surrogate escape (a \\ud800-"
                           "\\udfff that is not half of a pair), which is not valid Unicode; "

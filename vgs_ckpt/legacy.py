@@ -61,7 +61,7 @@ class LegacyCheckpoint:
     has_optimizer_state: bool | None  # None when the file has no such flag
 
 
-def _stored_zip(data: bytes | IO[bytes], size: int, where: str) -> bytes:
+def _stored_zip(data: bytes | IO[bytes], size: int, where: str) -> IO[bytes]:
     """The archive rebuilt with every record stored (uncompressed) and its CRC-32
     checked, within the bounds."""
     budget = MAX_EXPANSION * size + EXPANSION_SLACK
@@ -84,8 +84,9 @@ def _stored_zip(data: bytes | IO[bytes], size: int, where: str) -> bytes:
             out = io.BytesIO()
             with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as stored:
                 for info in infos:
-                    chunks = []
-                    with archive.open(info) as record:
+                    target = zipfile.ZipInfo(info.filename, info.date_time)
+                    with archive.open(info) as record, \
+                            stored.open(target, "w", force_zip64=True) as copy:
                         while chunk := record.read(_CHUNK):
                             budget -= len(chunk)
                             if budget < 0:
@@ -93,10 +94,8 @@ def _stored_zip(data: bytes | IO[bytes], size: int, where: str) -> bytes:
                                     f"{where}: the compressed zip expands to more than "
                                     f"{MAX_EXPANSION} x its size + {EXPANSION_SLACK} bytes "
                                     "(a decompression bomb?); refused")
-                            chunks.append(chunk)
-                    stored.writestr(zipfile.ZipInfo(info.filename, info.date_time),
-                                    b"".join(chunks))
-            return out.getvalue()
+                            copy.write(chunk)
+            return out
     except VgsCkptError:
         raise
     except Exception as exc:  # zipfile, zlib, bz2 and lzma fail on bad bytes in many ways

@@ -272,7 +272,6 @@ class PBTScheduler:
                              "initialize_population()")
         return self.members[member_id]
 
-
     def update_performance(self, member: PopulationMember | str, performance: float, step: int,
                            model_parameters: Mapping[Any, Any] | None = None,
                            model_state_dict: Mapping[str, Any] | None = None,

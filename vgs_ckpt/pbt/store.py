@@ -159,20 +159,6 @@ class CheckpointStore:
         return sorted(e.name for e in entries if e.is_dir(follow_symlinks=False)
                       and _MEMBER_ID.fullmatch(e.name) and ".." not in e.name)
 
-    def unreadable(self, member_id: str | None = None) -> list[tuple[Path, str]]:
-        """The checkpoint files (of one member, or of all) that cannot be read, with
-        why; the store skips them and never deletes them."""
-        found = []
-        for m in [member_id] if member_id is not None else self._member_dirs():
-            for path in self._paths(m):
-                try:
-                    reader.read_header(path)
-                except CheckpointNotFoundError:
-                    continue
-                except VgsCkptError as exc:
-                    found.append((path, str(exc)))
-        return found
-
     def member_ids(self) -> list[str]:
         """The ids of the members that have at least one checkpoint, sorted."""
         self._wait()

@@ -461,7 +461,6 @@ def load(path: str | os.PathLike[str], env: Any = None, *, device: str | torch.d
         tree.pop(VEC_NORMALIZE_KEY)
     model = cls(policy=policy_class, env=env, device=device,
                 _init_setup_model=False)
-    tensors = {k: v for k, v in settings.items() if isinstance(v, torch.Tensor)}
     model.__dict__.update(settings)
     model.observation_space, model.action_space = observation_space, action_space
     seed = model.seed
@@ -474,8 +473,6 @@ def load(path: str | os.PathLike[str], env: Any = None, *, device: str | torch.d
     if isinstance(vgs, Mapping):
         attach_vgs(model, **{k: vgs[k] for k in VGS_KNOBS if k in vgs})
     set_state(model, tree, env=env, restore_counters=True, restore_rng=True)
-    for key, value in tensors.items():  # set after setup and state (ARS's weights)
-        setattr(model, key, value.to(model.device))
     if COUNTERS_KEY not in tree:
         model.num_timesteps = checkpoint.header.step
     model._last_obs = None  # the next learn() resets the envs

@@ -144,13 +144,18 @@ def vec_normalize_state(normalizer: Any) -> dict[str, Any]:
         rms = normalizer.obs_rms
         obs_rms = ({key: _stats(value) for key, value in rms.items()}
                    if isinstance(rms, dict) else _stats(rms))
+    return {"obs_rms": obs_rms, "ret_rms": _stats(normalizer.ret_rms),
+            "settings": _vec_normalize_settings(normalizer)}
+
+
+def _vec_normalize_settings(normalizer: Any) -> dict[str, Any]:
     settings: dict[str, Any] = {key: float(getattr(normalizer, key))
                                 for key in _VEC_NORMALIZE_SETTINGS}
     settings["norm_obs"] = bool(normalizer.norm_obs)
     settings["norm_reward"] = bool(normalizer.norm_reward)
     keys = normalizer.norm_obs_keys
     settings["norm_obs_keys"] = [str(k) for k in keys] if keys is not None else None
-    return {"obs_rms": obs_rms, "ret_rms": _stats(normalizer.ret_rms), "settings": settings}
+    return settings
 
 
 def _plain(value: Any) -> Any:
@@ -221,14 +226,16 @@ def rng_state(algo: BaseAlgorithm, venv: Any) -> dict[str, Any]:
     return state
 
 
-def _gsde_holders(algo: BaseAlgorithm) -> list[tuple[str, Any]]:
+def _gsde_holders(algo: BaseAlgorithm) -> list[tuple[str, Any, Any]]:
+    """``(name, module, distribution)`` of each gSDE distribution: the policy's (PPO,
+    A2C) or its actor's (SAC, TQC, CrossQ)."""
     from stable_baselines3.common.distributions import StateDependentNoiseDistribution
     found = []
     for name in ("policy", "actor"):
         holder = getattr(algo.policy, name, None) if name == "actor" else algo.policy
         dist = getattr(holder, "action_dist", None)
         if isinstance(dist, StateDependentNoiseDistribution):
-            found.append((name, dist))
+            found.append((name, holder, dist))
     return found
 
 
@@ -250,7 +257,7 @@ def _exploration(algo: BaseAlgorithm) -> dict[str, Any]:
     if noise is not None:
         out["action_noise"] = _noise_state(noise)
     gsde = {}
-    for name, dist in _gsde_holders(algo):
+    for name, _, dist in _gsde_holders(algo):
         mats = {key: getattr(dist, key).detach().clone() for key in
                 ("exploration_mat", "exploration_matrices") if hasattr(dist, key)}
         if mats:
@@ -400,8 +407,7 @@ def set_state(model: Any, tree: Mapping[str, Any], *,
         # The matrices were sampled from the old policy's log_std: resample them from
         # the new one (with the recipient's own generator).
         n_envs = getattr(algo, "n_envs", 1) or 1
-        for _name, _dist in _gsde_holders(algo):
-            holder: Any = algo.policy if _name == "policy" else algo.policy.actor
+        for _, holder, _ in _gsde_holders(algo):
             holder.reset_noise(n_envs)
     for step in steps:  # the generators last: nothing after them draws a number
         step()
@@ -436,7 +442,7 @@ def _plan_vec_normalize(normalizer: Any, state: Any, kind: str) -> Callable[[], 
     settings = state["settings"]
     if not isinstance(settings, Mapping):
         raise UsageError(f"{where}.settings must be a mapping, got {settings!r}")
-    mine = vec_normalize_state(normalizer)["settings"]
+    mine = _vec_normalize_settings(normalizer)
     for key in _VEC_NORMALIZE_STRUCTURE:
         theirs = settings.get(key)
         theirs = list(theirs) if isinstance(theirs, list | tuple) else theirs
@@ -668,7 +674,7 @@ def _plan_exploration(algo: BaseAlgorithm, exploration: Any) -> Callable[[], Non
             _plan_noise(noise, exploration["action_noise"], f"{EXPLORATION_KEY}.action_noise",
                         steps)
         gsde = exploration.get("gsde") or {}
-        for name, dist in _gsde_holders(algo):
+        for name, _, dist in _gsde_holders(algo):
             for key, value in (gsde.get(name) or {}).items():
                 current = getattr(dist, key, None)
                 if not isinstance(value, torch.Tensor) or (
