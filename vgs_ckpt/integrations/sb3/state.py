@@ -68,6 +68,8 @@ _VEC_NORMALIZE_SETTINGS = ("clip_obs", "clip_reward", "gamma", "epsilon")
 _VEC_NORMALIZE_STRUCTURE = ("norm_obs", "norm_reward", "norm_obs_keys")
 _BIT_GENERATORS = ("PCG64", "PCG64DXSM", "MT19937", "Philox", "SFC64")
 _MISSING = object()
+# What the generators' own setters raise for a state of the wrong shape.
+_BAD_STATE = (TypeError, ValueError, KeyError, IndexError, OverflowError)
 
 
 def _vec_normalize(venv: Any) -> Any:
@@ -577,7 +579,7 @@ def _generator(where: str, state: Any) -> np.random.Generator:
     bit_generator = getattr(np.random, state["bit_generator"])()
     try:
         bit_generator.state = dict(state)
-    except (TypeError, ValueError, KeyError) as exc:
+    except _BAD_STATE as exc:
         raise UsageError(f"{where}: not a valid {state['bit_generator']} state ({exc})") from exc
     return np.random.Generator(bit_generator)
 
@@ -614,14 +616,14 @@ def _plan_rng(algo: BaseAlgorithm, venv: Any, rng: Any) -> Callable[[], None]:
         try:
             scratch = random.Random()
             scratch.setstate(_as_tuple(python))
-        except (TypeError, ValueError) as exc:
+        except _BAD_STATE as exc:
             raise UsageError(f"{RNG_KEY}.python: not a random.getstate() value ({exc})") from exc
         steps.append(lambda: random.setstate(_as_tuple(python)))
     numpy_state = rng.get("numpy")
     if numpy_state is not None:
         try:
             np.random.RandomState().set_state(_as_tuple(numpy_state))
-        except (TypeError, ValueError) as exc:
+        except _BAD_STATE as exc:
             raise UsageError(f"{RNG_KEY}.numpy: not a numpy.random.get_state() value "
                              f"({exc})") from exc
         steps.append(lambda: np.random.set_state(_as_tuple(numpy_state)))
