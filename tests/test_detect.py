@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import vgs_ckpt
-from vgs_ckpt import CheckpointFormat, Detection, FormatError, _container, detect_format
+from vgs_ckpt import CheckpointFormat, Detection, FormatError, detect_format
+from vgs_ckpt.storage.local import FileSource
 
 
 def test_v2_and_v1_files(tmp_path: Path) -> None:
@@ -29,7 +30,7 @@ def test_detection_reads_no_tensor_bytes(tmp_path: Path, monkeypatch: pytest.Mon
     def forbidden(*args: object, **kwargs: object) -> None:
         raise AssertionError("tensor bytes were read")
 
-    monkeypatch.setattr(_container.FileSource, "views", forbidden)
+    monkeypatch.setattr(FileSource, "views", forbidden)
     assert detect_format(path).format == "v2_full_parameters"
     assert vgs_ckpt.read_header(path).step == 0
 

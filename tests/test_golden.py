@@ -20,6 +20,25 @@ def test_writer_output_matches_the_golden_file_byte_for_byte() -> None:
     assert tiny_bytes() == GOLDEN.read_bytes()
 
 
+def test_both_write_paths_give_the_golden_bytes(tmp_path: Path) -> None:
+    # One forward pass (any stream) and the local fast path (header rewritten at the
+    # end) are the same format, byte for byte; so is a save to a file.
+    assert tiny_bytes(seekable=True) == GOLDEN.read_bytes()
+    import vgs_ckpt._header as header_module
+    from vgs_ckpt.models import Producer
+
+    from .golden.make_golden import GOLDEN_TIME, GOLDEN_VERSION
+    saved = tmp_path / "tiny.safetensors"
+    original = header_module.PRODUCER
+    try:
+        header_module.PRODUCER = Producer(name="vgs_ckpt", version=GOLDEN_VERSION)
+        vgs_ckpt.save(saved, tiny_tree(), step=7, performance=0.5, member_id="m0",
+                      hyperparams={"lr": 0.001}, created_at=GOLDEN_TIME)
+    finally:
+        header_module.PRODUCER = original
+    assert saved.read_bytes() == GOLDEN.read_bytes()
+
+
 def test_golden_file_reads_back_to_its_tree() -> None:
     ckpt = vgs_ckpt.load(GOLDEN)
     assert_trees_equal(ckpt.parameters, tiny_tree())

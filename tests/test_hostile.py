@@ -336,7 +336,7 @@ def test_a_temp_file_that_cannot_be_removed_is_a_warning_not_an_error(tmp_path, 
 
 
 def _host() -> str:
-    from vgs_ckpt._atomic import host_tag
+    from vgs_ckpt.storage.local import host_tag
     return host_tag()
 
 

@@ -10,19 +10,30 @@ import signal
 import stat
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 import pytest
 import torch
 
 import vgs_ckpt
 from vgs_ckpt import UsageError, cli
-from vgs_ckpt._atomic import _umask, atomic_write, host_tag, sweep_temp_files
 from vgs_ckpt.pbt import CheckpointStore, HyperparamSpec, PBTConfig, PBTScheduler
+from vgs_ckpt.storage import LOCAL
+from vgs_ckpt.storage.local import _umask, host_tag
 
 from .conftest import make_member
 
 HOST = host_tag()
+
+
+def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    LOCAL.commit(os.fspath(path), write)
+
+
+def sweep_temp_files(directory: Path, *, dry_run: bool = False) -> list[Path]:
+    return [Path(key) for key in LOCAL.sweep(os.fspath(directory), dry_run=dry_run)]
 
 
 def _tree(value: float) -> dict:

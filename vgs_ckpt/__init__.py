@@ -1,12 +1,16 @@
 """vgs_ckpt: a versioned, pickle-free checkpoint format for PBT with VGS state.
 
-Where things live: :mod:`~vgs_ckpt.writer` (save), :mod:`~vgs_ckpt.reader` (open,
-load, read_header, detect_format), :mod:`~vgs_ckpt.upgrades` (migration steps,
-in-memory upgrade, the ``vgs-ckpt upgrade`` command), :mod:`~vgs_ckpt.vgs_state`
-(the VGS vocabulary), :mod:`~vgs_ckpt.errors` (the error taxonomy),
-:mod:`~vgs_ckpt.models` (the header schema).
+Where things live (the README's module map has all of them):
+:mod:`~vgs_ckpt.writer` (save), :mod:`~vgs_ckpt.reader` (open, read_header,
+detect_format), :mod:`~vgs_ckpt.readers` (the two readers),
+:mod:`~vgs_ckpt.loading` (load: read and upgrade), :mod:`~vgs_ckpt.upgrades`
+(migration steps, in-memory upgrade, the ``vgs-ckpt upgrade`` command),
+:mod:`~vgs_ckpt.storage` (where bytes live), :mod:`~vgs_ckpt.vgs_state` (the VGS
+vocabulary), :mod:`~vgs_ckpt.errors` (the error taxonomy), :mod:`~vgs_ckpt.models`
+(the header schema).
 """
 
+from vgs_ckpt._header import HeaderFields
 from vgs_ckpt._version import __version__
 from vgs_ckpt.async_save import SaveHandle, save_async
 from vgs_ckpt.checkpoint import Checkpoint
@@ -24,6 +28,7 @@ from vgs_ckpt.errors import (
     UsageError,
     VgsCkptError,
 )
+from vgs_ckpt.loading import load, load_bytes
 from vgs_ckpt.models import (
     CheckpointFormat,
     CheckpointHeader,
@@ -41,11 +46,10 @@ from vgs_ckpt.reader import (
     Detection,
     TensorSpec,
     detect_format,
-    load,
-    load_bytes,
     open,
     read_header,
 )
+from vgs_ckpt.storage import LocalStorage, Storage
 from vgs_ckpt.upgrades import upgrade
 from vgs_ckpt.writer import save, save_bytes
 
@@ -62,13 +66,16 @@ __all__ = [
     "Detection",
     "ExploitSource",
     "FormatError",
+    "HeaderFields",
     "IntegrityError",
     "InvalidVGSStateWarning",
     "LegacyFormatWarning",
     "Lineage",
+    "LocalStorage",
     "MissingDependencyError",
     "Provenance",
     "SaveHandle",
+    "Storage",
     "TensorInfo",
     "TensorSpec",
     "UnsafeCheckpointError",

@@ -1,37 +1,28 @@
 """The safetensors container: layout, header parsing and validation, byte sources.
 
 Parsing is done here rather than by the safetensors library so that the
-header can be read without touching tensor bytes, every malformation gets a
-precise error, and tensor bytes are read into memory the process owns (or, on
-request, mapped without a copy).
+header can be read without touching tensor bytes and every malformation gets a
+precise error. Where the bytes come from is a :class:`Source` (files and other
+backends: :mod:`vgs_ckpt.storage`; bytes in memory: :class:`BytesSource`).
 """
 
 from __future__ import annotations
 
-import contextlib
+import io
 import json
-import mmap
-import os
 import re
-import stat
 import struct
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import IO, Any, Literal, Protocol, TypeAlias
-
-import numpy as np
+from typing import IO, Any, Protocol
 
 from vgs_ckpt._dtypes import BY_CODE, DType
 from vgs_ckpt.errors import (
-    CheckpointIOError,
-    CheckpointNotFoundError,
     FormatError,
-    UsageError,
 )
+from vgs_ckpt.models import ContainerKind
 
 # The three containers a checkpoint can come in: ours, and torch.save's two.
-ContainerKind: TypeAlias = Literal["safetensors", "torch-zip", "torch-pickle"]
 SNIFF_BYTES = 64  # how many leading bytes sniff_container() needs
 _ZIP_MAGIC = b"PK\x03\x04"
 # torch.save's legacy (non-zip) container starts with the pickled magic number
@@ -80,6 +71,23 @@ class Source(Protocol):
 
     def read(self, offset: int, count: int) -> bytes: ...
 
+    def modified(self) -> float | None:
+        """When the object was last changed (seconds since the epoch), if known."""
+        ...
+
+    def stream(self) -> IO[bytes]:
+        """The whole object as a readable, seekable binary file, at offset 0 (for
+        readers that need one, such as torch.load)."""
+        ...
+
+    def close(self) -> None:
+        """Release the object (views already handed out stay valid)."""
+        ...
+
+    def __enter__(self) -> Source: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
     def views(self, container: Container, readahead: bool = True,
               on_ready: Ready | None = None) -> tuple[dict[str, memoryview], bool]:
         """Views of every tensor's bytes, and whether they may be shared (writable,
@@ -89,171 +97,14 @@ class Source(Protocol):
         ...
 
 
-def _read_into(fd: int, buffer: memoryview, offset: int, where: str) -> None:
-    """Fill ``buffer`` from the file at ``offset`` (pread, so the fd's position is
-    untouched); a short file is a FormatError."""
-    done = 0
-    while done < len(buffer):
-        try:
-            count = os.preadv(fd, [buffer[done:]], offset + done)
-        except OSError as exc:
-            raise CheckpointIOError(exc.errno, f"cannot read {where}: {exc.strerror}",
-                                    where) from None
-        if count == 0:
-            raise FormatError(f"{where}: truncated file: expected {len(buffer)} bytes at "
-                              f"offset {offset}, got {done}; the file is incomplete (or "
-                              "was cut short while being read) - re-save it")
-        done += count
-
-
 Ready = Callable[[str, memoryview], None]
-_READ_CHUNK = 8 * 1024 * 1024  # tensors are read in runs of about this many bytes
 
 
-def _notify(views: dict[str, memoryview], on_ready: Ready | None) -> None:
+def notify(views: dict[str, memoryview], on_ready: Ready | None) -> None:
+    """Announce each view to ``on_ready`` (a source whose bytes are all in memory)."""
     if on_ready is not None:
         for name, view in views.items():
             on_ready(name, view)
-
-
-class _LazyViews(dict[str, memoryview]):
-    """Each tensor's bytes read into memory of its own on first access (the lazy
-    reader: only what is asked for is read, once; hashing and decoding then use the
-    same bytes)."""
-
-    def __init__(self, fd: int, container: Container, where: str) -> None:
-        super().__init__()
-        self._fd, self._container, self._where = fd, container, where
-
-    def __missing__(self, name: str) -> memoryview:
-        entry = self._container.entries[name]
-        buffer = _owned_buffer(entry.nbytes)
-        _read_into(self._fd, buffer, entry.start, self._where)
-        self[name] = buffer
-        return buffer
-
-
-class FileSource:
-    def __init__(self, handle: IO[bytes], where: str, *, use_mmap: bool = False) -> None:
-        self._fd = handle.fileno()
-        self.where = where
-        self._mmap = use_mmap
-
-    def size(self) -> int:
-        return os.fstat(self._fd).st_size
-
-    def read(self, offset: int, count: int) -> bytes:
-        data = os.pread(self._fd, count, offset)
-        if len(data) != count:
-            raise FormatError(f"{self.where}: truncated file: expected {count} bytes at offset "
-                              f"{offset}, got {len(data)}; the file is incomplete - re-save it")
-        return data
-
-    def views(self, container: Container, readahead: bool = True,
-              on_ready: Ready | None = None) -> tuple[dict[str, memoryview], bool]:
-        if container.total_bytes == container.header_bytes:
-            views = {name: memoryview(b"") for name in container.entries}
-            _notify(views, on_ready)
-            return views, False
-        if readahead:  # without: a lazy reader, only what it asks for is read
-            with contextlib.suppress(OSError, AttributeError):  # hints only: the disk
-                # reads ahead while memory is prepared and the first bytes are hashed
-                os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-                os.posix_fadvise(self._fd, container.header_bytes, 0, os.POSIX_FADV_WILLNEED)
-        if not self._mmap:
-            # Memory this process owns: the bytes verified are the bytes returned, and
-            # a later change to the file (an in-place rewrite, a truncation) cannot
-            # change them or raise SIGBUS.
-            if not readahead:
-                return _LazyViews(self._fd, container, self.where), True
-            return self._read_all(container, on_ready), True
-        # mmap=True: a private (copy-on-write) mapping: tensors are views of the page
-        # cache and a write to a tensor never reaches the file, but a non-atomic writer
-        # that rewrites the file in place changes them, and truncating it raises SIGBUS.
-        try:
-            mapping = mmap.mmap(self._fd, container.total_bytes, access=mmap.ACCESS_COPY)
-        except (OSError, ValueError) as exc:
-            raise FormatError(f"{self.where}: cannot map the tensor data ({exc}); the file "
-                              "changed while being read, or is truncated") from None
-        whole = memoryview(mapping)
-        views = {n: whole[e.start:e.end] for n, e in container.entries.items()}
-        _notify(views, on_ready)
-        return views, True
-
-    def _read_all(self, container: Container, on_ready: Ready | None
-                  ) -> dict[str, memoryview]:
-        """The data region read in runs of about :data:`_READ_CHUNK` bytes, each into
-        memory of its own that a helper thread allocates (pre-faulted) ahead of the
-        reads, each tensor announced as it lands."""
-        runs: list[list[Entry]] = []
-        for entry in container.entries.values():  # in file order
-            if not runs or entry.end - runs[-1][0].start > _READ_CHUNK:
-                runs.append([])
-            runs[-1].append(entry)
-        views: dict[str, memoryview] = {}
-        with ThreadPoolExecutor(1, thread_name_prefix="vgs_ckpt-alloc") as alloc:
-            buffers = [alloc.submit(_owned_buffer, run[-1].end - run[0].start) for run in runs]
-            for run, buffer in zip(runs, buffers, strict=True):
-                data = buffer.result()
-                _read_into(self._fd, data, run[0].start, self.where)
-                for e in run:
-                    views[e.name] = data[e.start - run[0].start:e.end - run[0].start]
-                    if on_ready is not None:
-                        on_ready(e.name, views[e.name])
-        return views
-
-
-_POPULATE_FROM = 1024 * 1024
-
-
-def _owned_buffer(size: int) -> memoryview:
-    """Writable memory of ``size`` bytes, not zero-filled by us. Large buffers are
-    anonymous mappings populated by the kernel in one go (``MAP_POPULATE``): much
-    cheaper than faulting each page in while reading into it, and returned to the
-    system when the last tensor using them goes."""
-    flags = getattr(mmap, "MAP_POPULATE", 0)
-    if size >= _POPULATE_FROM and flags:
-        try:
-            return memoryview(mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
-                                        | flags))
-        except OSError:
-            pass  # e.g. no overcommit for a populated mapping: the heap will do
-    return np.empty(size, dtype=np.uint8).data.cast("B")
-
-
-def open_file(path: str | os.PathLike[str]) -> IO[bytes]:
-    """Open a checkpoint for reading, turning OS errors (and a path that is not one)
-    into vgs_ckpt errors. Only a regular file is opened: a FIFO, socket, device or
-    directory is refused before anything could block on it."""
-    if not isinstance(path, str | os.PathLike):  # bytes would open as a name, an int as an fd
-        raise UsageError(f"invalid checkpoint path {path!r:.80}: expected a str or "
-                         f"os.PathLike, got {type(path).__qualname__} (use load_bytes for "
-                         "bytes)")
-    try:
-        where = os.fspath(path)
-        # O_NONBLOCK: opening a FIFO with no writer would otherwise block forever.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
-        raise CheckpointNotFoundError(f"checkpoint {os.fspath(path)} does not exist") from None
-    except OSError as exc:
-        raise CheckpointIOError(exc.errno, f"cannot open checkpoint {os.fspath(path)}: "
-                                f"{exc.strerror}", os.fspath(path)) from None
-    except (ValueError, TypeError) as exc:
-        raise UsageError(f"invalid checkpoint path {path!r:.80}: {exc}; pass a str or "
-                         "os.PathLike (use load_bytes for bytes)") from None
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
-                    else "a socket" if stat.S_ISSOCK(mode) else "a device"
-                    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
-            raise UsageError(f"{where} is {kind}, not a checkpoint file; pass the path of a "
-                             "regular file")
-        os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb", buffering=0)
-    except BaseException:
-        os.close(fd)
-        raise
 
 
 class BytesSource:
@@ -262,7 +113,24 @@ class BytesSource:
         if not view.c_contiguous:  # e.g. a strided slice: its bytes in order
             view = memoryview(view.tobytes())
         self._data = view.cast("B") if (view.format, view.ndim) != ("B", 1) else view
+        self._original = data
         self.where = where
+
+    def modified(self) -> float | None:
+        return None
+
+    def stream(self) -> IO[bytes]:
+        raw = self._original if isinstance(self._original, bytes) else self._data.tobytes()
+        return io.BytesIO(raw)
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> BytesSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
 
     def size(self) -> int:
         return len(self._data)
@@ -277,7 +145,7 @@ class BytesSource:
               on_ready: Ready | None = None) -> tuple[dict[str, memoryview], bool]:
         # The caller's bytes may be immutable or reused: arrays are copied out.
         views = {n: self._data[e.start:e.end] for n, e in container.entries.items()}
-        _notify(views, on_ready)
+        notify(views, on_ready)
         return views, False
 
 

@@ -8,9 +8,11 @@ tensor byte is read or copied). :func:`parse` validates a stored header.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Required, TypedDict
 
 import pydantic
 import xxhash
@@ -35,6 +37,46 @@ from vgs_ckpt.models import (
     header_adapter,
 )
 
+
+class HeaderFields(TypedDict, total=False):
+    """The header's fields a writer takes, defined once: the keyword arguments of
+    ``save``, ``save_bytes``, ``save_async``, ``CheckpointStore.save`` and the Ray
+    integration (``**fields: Unpack[HeaderFields]``).
+
+    - ``step``: the training step (>= 0), required.
+    - ``performance``: the member's metric, finite or None.
+    - ``member_id``, ``hyperparams``, ``lineage``: PBT bookkeeping (v2 only, but for
+      ``member_id``).
+    - ``format``: ``v2_full_parameters`` (default) or the legacy ``v1_policy_only``.
+    - ``created_at``: the timestamp to record (default: now, UTC).
+    - ``provenance``: the upgrade history to record (set by ``vgs-ckpt upgrade``).
+    """
+
+    step: Required[int]
+    performance: float | None
+    member_id: str | None
+    hyperparams: Mapping[str, Any] | None
+    lineage: Lineage | Mapping[str, Any] | None
+    format: CheckpointFormat | str
+    created_at: datetime | None
+    provenance: Provenance | Mapping[str, Any] | None
+
+
+FIELDS = HeaderFields.__required_keys__ | HeaderFields.__optional_keys__
+
+
+def check_fields(fields: Mapping[str, Any], function: str) -> HeaderFields:
+    """``fields`` if they are header fields with a ``step``, else a UsageError naming
+    the unknown ones (the runtime check behind ``Unpack[HeaderFields]``)."""
+    unknown = sorted(set(fields) - FIELDS)
+    if unknown:
+        raise UsageError(f"{function}() got unknown header argument(s) {', '.join(unknown)}; "
+                         f"the header's fields are {', '.join(sorted(FIELDS))}")
+    if "step" not in fields:
+        raise UsageError(f"{function}() needs step=<the training step>")
+    return fields  # type: ignore[return-value]  # checked above
+
+
 PRODUCER = Producer(name="vgs_ckpt", version=__version__)
 PLACEHOLDER_DIGEST = f"{DIGEST_ALGORITHM}:{'0' * 32}"
 
@@ -43,24 +85,22 @@ META_FORMAT_VERSION = "vgs_ckpt.format_version"
 META_HEADER = "vgs_ckpt.header"
 
 
-def describe(parameters: Mapping[Any, Any], *, step: int, performance: float | None = None,
-             member_id: str | None = None, hyperparams: Mapping[str, Any] | None = None,
-             lineage: Lineage | Mapping[str, Any] | None = None,
-             format: CheckpointFormat | str = CheckpointFormat.V2_FULL_PARAMETERS,
-             created_at: datetime | None = None,
+def describe(parameters: Mapping[Any, Any], fields: HeaderFields, *,
              producer: Producer | Mapping[str, str] | None = None,
-             provenance: Provenance | Mapping[str, Any] | None = None,
              has_optimizer_state: bool | None = None, where: str = "<bytes>",
              for_writing: bool = True, error: type[VgsCkptError] = UsageError,
              vgs_error: type[VgsCkptError] | None = UsageError, vgs_fix: str = "",
              ) -> tuple[CheckpointHeader, dict[str, Array]]:
-    """The validated header for ``parameters``, and its arrays by tensor name.
+    """The validated header for ``parameters`` with the given :class:`HeaderFields`,
+    and its arrays by tensor name.
 
     With ``for_writing`` (``save``), every tensor must be storable and digests are
     placeholders for the writer to fill in; without, digests are None. Invalid
     fields raise ``error``; an invalid VGS state raises ``vgs_error`` (None: warn,
     and keep it as given).
     """
+    format = fields.get("format", CheckpointFormat.V2_FULL_PARAMETERS)
+    hyperparams, lineage = fields.get("hyperparams"), fields.get("lineage")
     try:
         format = CheckpointFormat(format)
     except ValueError:
@@ -68,26 +108,28 @@ def describe(parameters: Mapping[Any, Any], *, step: int, performance: float | N
                          f"{', '.join(FORMAT_ORDER)}") from None
     tree, arrays = encode_tree(parameters, storable=for_writing)
     digest = PLACEHOLDER_DIGEST if for_writing else None
-    fields: dict[str, Any] = {
-        "format_version": format, "step": step, "performance": performance,
-        "member_id": member_id, "producer": producer or PRODUCER, "provenance": provenance,
-        "created_at": created_at or datetime.now(UTC), "tree": tree,
+    header_fields: dict[str, Any] = {
+        "format_version": format, "step": fields["step"],
+        "performance": fields.get("performance"), "member_id": fields.get("member_id"),
+        "producer": producer or PRODUCER, "provenance": fields.get("provenance"),
+        "created_at": fields.get("created_at") or datetime.now(UTC), "tree": tree,
         "tensors": {name: {"dtype": a.dtype.code, "shape": list(a.shape), "digest": digest}
                     for name, a in arrays.items()},
     }
     vgs = None
     if format is CheckpointFormat.V2_FULL_PARAMETERS:
-        fields["hyperparams"] = dict(hyperparams or {})
-        fields["lineage"] = lineage if lineage is not None else Lineage()
+        header_fields["hyperparams"] = dict(hyperparams or {})
+        header_fields["lineage"] = lineage if lineage is not None else Lineage()
         vgs = vgs_state.summary(parameters, tree, where, vgs_error, vgs_fix)
     else:
         if hyperparams or lineage is not None:
             raise UsageError(f"{where}: {format.value} files hold no hyperparams or lineage; "
                              "save as v2_full_parameters instead")
-        fields["has_optimizer_state"] = (has_optimizer_state if has_optimizer_state is not None
-                                         else "optimizer_state" in parameters)
+        header_fields["has_optimizer_state"] = (
+            has_optimizer_state if has_optimizer_state is not None
+            else "optimizer_state" in parameters)
     try:
-        header = header_adapter.validate_python(fields)
+        header = header_adapter.validate_python(header_fields)
     except pydantic.ValidationError as exc:
         raise error(f"{where}: invalid checkpoint header: {describe_validation(exc)}") from None
     # The summary was checked (or, when reading, kept as found) on its own.
@@ -95,9 +137,33 @@ def describe(parameters: Mapping[Any, Any], *, step: int, performance: float | N
             else header), arrays
 
 
+INLINE_HASH = 256 * 1024  # smaller arrays are hashed on the calling thread
+HASH_THREADS = 2
+
+
 def digest(data: memoryview) -> str:
     """The digest string of some bytes, e.g. ``xxh3-128:<32 hex digits>``."""
     return f"{DIGEST_ALGORITHM}:{xxhash.xxh3_128_hexdigest(data)}"
+
+
+def digests(views: Iterable[tuple[str, memoryview]]) -> dict[str, str]:
+    """The digest of each named view, big ones on :data:`HASH_THREADS` threads (xxhash
+    releases the GIL); at most that many views are held at once, so views made on
+    demand (a copy of a strided tensor) are freed as they are hashed."""
+    found: dict[str, str] = {}
+    running: deque[tuple[str, Future[str]]] = deque()
+    with ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="vgs_ckpt-hash") as pool:
+        for name, view in views:
+            if len(view) <= INLINE_HASH:
+                found[name] = digest(view)
+                continue
+            running.append((name, pool.submit(digest, view)))
+            if len(running) > HASH_THREADS:
+                done, future = running.popleft()
+                found[done] = future.result()
+        for done, future in running:
+            found[done] = future.result()
+    return found
 
 
 def with_digests(header: CheckpointHeader, digests: Mapping[str, str]) -> CheckpointHeader:

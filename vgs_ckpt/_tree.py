@@ -1,6 +1,10 @@
 """Encoding of a parameter tree as a JSON node plus a table of arrays.
 
-Grammar of a node (spec section 5):
+This module is the one home of the tree grammar (spec section 5): :data:`GRAMMAR`
+defines the tagged nodes; the encoder, the decoder, the readers' walks
+(:func:`references`, :func:`subnode`, :func:`dict_items`) and the JSON schema's
+tree part (:func:`node_schema`, used by :mod:`vgs_ckpt.models`) all follow it.
+
     null | true | false | "string" | <JSON integer>
     {"float": <JSON number> | "nan" | "inf" | "-inf"}
     {"dict": [[key, node], ...], "ordered"?: true}     key: string or JSON integer
@@ -23,6 +27,20 @@ import torch
 from vgs_ckpt._dtypes import BY_TORCH, DType, numpy_entry
 from vgs_ckpt.errors import FormatError, UnsupportedTypeError, UsageError
 
+# Each tagged node: its tag, and every member it may carry with what that member holds
+# ("pairs": [[key, node], ...]; "nodes": [node, ...]; "float": a JSON number or
+# "nan"/"inf"/"-inf"; "name": a tensor name; "flag": true when present).
+GRAMMAR: dict[str, dict[str, str]] = {
+    "dict": {"dict": "pairs", "ordered": "flag"},
+    "list": {"list": "nodes"},
+    "tuple": {"tuple": "nodes"},
+    "float": {"float": "float"},
+    "tensor": {"tensor": "name", "requires_grad": "flag", "parameter": "flag"},
+    "ndarray": {"ndarray": "name"},
+    "npscalar": {"npscalar": "name"},
+}
+CONTAINER_TAGS = tuple(t for t, m in GRAMMAR.items() if m[t] in ("pairs", "nodes"))
+REFERENCE_TAGS = tuple(t for t, m in GRAMMAR.items() if m[t] == "name")
 SEPARATOR = "/"
 RESERVED_NAMES = frozenset({"__metadata__"})
 # Deepest nesting of dicts, lists and tuples save() accepts (spec section 5); its
@@ -331,19 +349,15 @@ class Decoder:
         return self._array(name, "numpy")[()]
 
 
-# The members each tagged node may carry (spec section 5); flags must be true.
-_MEMBERS = {"dict": {"dict", "ordered"}, "list": {"list"}, "tuple": {"tuple"},
-            "float": {"float"}, "tensor": {"tensor", "requires_grad", "parameter"},
-            "ndarray": {"ndarray"}, "npscalar": {"npscalar"}}
 _FLAGS = ("ordered", "requires_grad", "parameter")
 
 
 def _check_members(node: dict[str, Any], path: tuple[str | int, ...]) -> None:
-    tags = [tag for tag in _MEMBERS if tag in node]
+    tags = [tag for tag in GRAMMAR if tag in node]
     if len(tags) != 1:
         raise FormatError(f"tree node at {show_path(path)} must have exactly one of "
-                        f"{', '.join(_MEMBERS)}, got {sorted(node)}")
-    extra = set(node) - _MEMBERS[tags[0]]
+                        f"{', '.join(GRAMMAR)}, got {sorted(node)}")
+    extra = set(node) - set(GRAMMAR[tags[0]])
     if extra:
         raise FormatError(f"{tags[0]} node at {show_path(path)} has unknown members "
                         f"{sorted(extra)}")
@@ -364,3 +378,84 @@ def _name_of(value: Any, path: tuple[str | int, ...]) -> str:
     if type(value) is not str:
         raise FormatError(f"malformed tensor reference at {show_path(path)}: {value!r:.80}")
     return value
+
+
+def dict_items(node: Any) -> list[tuple[Any, Any]]:
+    """The ``(key, child)`` pairs of a dict node (empty for any other node; malformed
+    pairs are skipped, the decoder reports them)."""
+    items = node.get("dict") if type(node) is dict else None
+    if type(items) is not list:
+        return []
+    return [(p[0], p[1]) for p in items if type(p) is list and len(p) == 2]
+
+
+def _children(node: Any) -> list[Any]:
+    if type(node) is list:
+        return node
+    if type(node) is not dict:
+        return []
+    found: list[Any] = []
+    for tag in CONTAINER_TAGS:
+        items = node.get(tag)
+        if type(items) is list:
+            found += ([p[1] for p in items if type(p) is list and len(p) == 2]
+                      if GRAMMAR[tag][tag] == "pairs" else items)
+    return found
+
+
+def references(node: Any) -> list[str]:
+    """The tensor names a node refers to, in tree order, each once (malformed nodes
+    are left to the decoder to report)."""
+    found: list[str] = []
+    stack = [node]
+    while stack:
+        item = stack.pop()
+        if type(item) is dict:
+            found += [item[tag] for tag in REFERENCE_TAGS if type(item.get(tag)) is str]
+        stack.extend(reversed(_children(item)))
+    return list(dict.fromkeys(found))
+
+
+def subnode(tree: Any, path: tuple[str | int, ...] | list[str | int]) -> Any:
+    """The node at ``path`` (dict keys, list/tuple indices) of an encoded tree.
+
+    Raises:
+        KeyError: with the shortest prefix of ``path`` that is not in the tree.
+    """
+    node = tree
+    for depth, key in enumerate(path):
+        if type(node) is dict and "dict" in node:
+            match = [child for k, child in dict_items(node) if k == key and type(k) is type(key)]
+            if match:
+                node = match[0]
+                continue
+        elif type(node) is dict and type(key) is int and ("list" in node or "tuple" in node):
+            items = node.get("list", node.get("tuple"))
+            if type(items) is list and -len(items) <= key < len(items):
+                node = items[key]
+                continue
+        raise KeyError(tuple(path[:depth + 1]))
+    return node
+
+
+def node_schema(ref: str) -> dict[str, Any]:
+    """The JSON Schema of a tree node, generated from :data:`GRAMMAR` (``ref`` is the
+    schema's reference to itself)."""
+    values = {
+        "pairs": {"type": "array", "items": {
+            "type": "array", "minItems": 2, "maxItems": 2,
+            "prefixItems": [{"type": ["string", "integer"]}, {"$ref": ref}]}},
+        "nodes": {"type": "array", "items": {"$ref": ref}},
+        "float": {"anyOf": [{"type": "number"}, {"enum": sorted(_FLOAT_SPECIALS)}]},
+        "name": {"type": "string"},
+        "flag": {"const": True},
+    }
+    return {
+        "description": "A node of the encoded parameter tree (docs/spec.md section 5).",
+        "anyOf": [
+            {"type": ["null", "boolean", "string", "integer"]},
+            *({"type": "object", "required": [tag], "additionalProperties": False,
+               "properties": {member: values[kind] for member, kind in members.items()}}
+              for tag, members in GRAMMAR.items()),
+        ],
+    }

@@ -39,17 +39,18 @@ import weakref
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any
+from types import TracebackType
+from typing import Any, Unpack
 
 import numpy as np
 import torch
 
-from vgs_ckpt._atomic import atomic_write
+from vgs_ckpt._header import HeaderFields
 from vgs_ckpt._tree import Array
 from vgs_ckpt.errors import UsageError
-from vgs_ckpt.models import CheckpointFormat, CheckpointHeader, Lineage, Provenance
-from vgs_ckpt.writer import check_path, prepare, write
+from vgs_ckpt.models import CheckpointHeader
+from vgs_ckpt.storage import Storage, resolve
+from vgs_ckpt.writer import check_path, commit, prepare
 
 __all__ = ["AsyncSaver", "SaveHandle", "save_async"]
 
@@ -155,6 +156,7 @@ def _snapshot(arrays: Mapping[str, Array], buffer: _Buffer) -> dict[str, memoryv
 class _Job:
     """One snapshotted save waiting for the writer thread."""
 
+    storage: Storage
     target: str
     header: CheckpointHeader
     arrays: Mapping[str, Array]
@@ -163,18 +165,16 @@ class _Job:
     durable: bool
 
     def run(self) -> CheckpointHeader:
-        written: list[CheckpointHeader] = []
-        atomic_write(self.target,
-                     lambda f: written.append(write(f, self.header, self.arrays, self.data)),
-                     durable=self.durable)
-        return written[0]
+        return commit(self.storage, self.target, self.header, self.arrays, self.data,
+                      durable=self.durable)
 
 
 class AsyncSaver:
     """One background writer thread with at most ``max_pending`` snapshots in memory.
 
     :func:`save_async` uses a process-wide default saver; make your own for a
-    different ``max_pending`` (each saver has its own thread and buffers).
+    different ``max_pending`` (each saver has its own thread and buffers). A saver is
+    a context manager: leaving the ``with`` block is :meth:`close`.
     """
 
     def __init__(self, max_pending: int = 1) -> None:
@@ -195,19 +195,13 @@ class AsyncSaver:
         self._pending: list[SaveHandle] = []  # not finished yet, in call order
         self._closed = False
 
-    def save(self, path: str | os.PathLike[str], parameters: Mapping[Any, Any], *, step: int,
-             performance: float | None = None, member_id: str | None = None,
-             hyperparams: Mapping[str, Any] | None = None,
-             lineage: Lineage | Mapping[str, Any] | None = None,
-             format: CheckpointFormat | str = CheckpointFormat.V2_FULL_PARAMETERS,
-             created_at: datetime | None = None, provenance: Provenance | None = None,
-             durable: bool = True) -> SaveHandle:
+    def save(self, path: str | os.PathLike[str], parameters: Mapping[Any, Any], *,
+             storage: Storage | None = None, durable: bool = True,
+             **fields: Unpack[HeaderFields]) -> SaveHandle:
         """:func:`save_async` on this saver."""
-        target = check_path(path, parameters, "save_async")
-        header, arrays = prepare(
-            parameters, target, step=step, performance=performance, member_id=member_id,
-            hyperparams=hyperparams, lineage=lineage, format=format, created_at=created_at,
-            provenance=provenance)
+        backend, target = resolve(check_path(path, parameters, "save_async"), storage,
+                                  function="save_async")
+        header, arrays = prepare(parameters, target, fields, "save_async")
         started = time.perf_counter()
         self._slots.acquire()  # back-pressure: wait for a free snapshot buffer
         try:
@@ -228,7 +222,7 @@ class AsyncSaver:
         future: Future[CheckpointHeader] = Future()
         # The job keeps the snapshot, not the caller's tensors (they may be freed now).
         described = {name: Array(a.dtype, a.shape, None) for name, a in arrays.items()}
-        job = _Job(target, header, described, data, buffer, durable)
+        job = _Job(backend, target, header, described, data, buffer, durable)
         handle = SaveHandle(target, future, time.perf_counter() - started)
         with self._lock:
             self._queue.append((future, job))
@@ -295,6 +289,13 @@ class AsyncSaver:
         if self._thread is not None:
             self._thread.join()
 
+    def __enter__(self) -> AsyncSaver:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
 
 _DEFAULT: list[AsyncSaver] = []  # the process-wide saver, made on first use
 _DEFAULT_LOCK = threading.Lock()
@@ -353,13 +354,9 @@ def _finish_at_exit(saver: AsyncSaver) -> None:
                   "content (or does not exist)", file=sys.stderr)
 
 
-def save_async(path: str | os.PathLike[str], parameters: Mapping[Any, Any], *, step: int,
-               performance: float | None = None, member_id: str | None = None,
-               hyperparams: Mapping[str, Any] | None = None,
-               lineage: Lineage | Mapping[str, Any] | None = None,
-               format: CheckpointFormat | str = CheckpointFormat.V2_FULL_PARAMETERS,
-               created_at: datetime | None = None, provenance: Provenance | None = None,
-               durable: bool = True) -> SaveHandle:
+def save_async(path: str | os.PathLike[str], parameters: Mapping[Any, Any], *,
+               storage: Storage | None = None, durable: bool = True,
+               **fields: Unpack[HeaderFields]) -> SaveHandle:
     """Save like :func:`vgs_ckpt.save`, blocking only while the tensors are copied.
 
     Arguments as for :func:`vgs_ckpt.save`. Invalid arguments raise here (as
@@ -375,7 +372,4 @@ def save_async(path: str | os.PathLike[str], parameters: Mapping[Any, Any], *, s
         >>> train_more(model)          # the snapshot is already taken
         >>> handle.result()            # committed (or the write's error)
     """
-    return default_saver().save(path, parameters, step=step, performance=performance,
-                                member_id=member_id, hyperparams=hyperparams,
-                                lineage=lineage, format=format, created_at=created_at,
-                                provenance=provenance, durable=durable)
+    return default_saver().save(path, parameters, storage=storage, durable=durable, **fields)

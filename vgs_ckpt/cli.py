@@ -12,12 +12,13 @@ from typing import Any
 
 import torch
 
-from vgs_ckpt import reader
-from vgs_ckpt._atomic import MIN_TEMP_AGE, sweep_tree
+from vgs_ckpt import loading, reader
 from vgs_ckpt._dtypes import BY_CODE
 from vgs_ckpt.errors import VgsCkptError
 from vgs_ckpt.pbt.store import unreadable_checkpoints
 from vgs_ckpt.schema import schema_drift, write_schemas
+from vgs_ckpt.storage import LOCAL
+from vgs_ckpt.storage.local import MIN_TEMP_AGE
 from vgs_ckpt.upgrades.files import upgrade_files
 
 __all__ = ["main"]
@@ -147,7 +148,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    ckpt = reader.load(args.path, verify=True, upgrade=False)
+    ckpt = loading.load(args.path, verify=True, upgrade=False)
     count = len(ckpt.header.tensors)
     if ckpt.container != "safetensors":
         print(f"OK {_safe(args.path)}: a legacy {ckpt.container} file (torch.save, "
@@ -218,10 +219,11 @@ def _sweep(args: argparse.Namespace) -> int:
     if not root.is_dir():
         print(f"vgs-ckpt sweep: {root} is not a directory", file=sys.stderr)
         return 2
-    removed = sweep_tree(root, dry_run=args.dry_run, min_age=args.min_age)
+    removed = LOCAL.sweep(os.fspath(root), recursive=True, dry_run=args.dry_run,
+                          min_age=args.min_age)
     verb = "would remove" if args.dry_run else "removed"
-    for path in removed:
-        print(f"{verb} {_safe(path)}")
+    for key in removed:
+        print(f"{verb} {_safe(key)}")
     print(f"{verb} {len(removed)} temp file(s) of dead writers under {_safe(root)}")
     unreadable = unreadable_checkpoints(root)
     for path, why in unreadable:

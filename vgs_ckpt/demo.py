@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from vgs_ckpt import reader
+from vgs_ckpt import loading
 from vgs_ckpt.errors import UsageError
 from vgs_ckpt.pbt import HyperparamSpec, PBTConfig, PBTScheduler
 from vgs_ckpt.pbt.learner import TorchLearner
@@ -169,7 +169,7 @@ def run_demo(directory: Path, *, members: int = 6, rounds: int = 12, interval: i
             learner.set_hyperparams(hyperparams)
             learner.vgs.alpha = hyperparams["vgs_alpha"]
             donor_file = m.exploited_from.file
-            donor_tree = reader.load(donor_file, upgrade=False).parameters if donor_file else {}
+            donor_tree = loading.load(donor_file, upgrade=False).parameters if donor_file else {}
             donor_state = _vgs_summary(donor_tree.get("vgs_state"))
             after = _vgs_summary(learner.vgs.state_dict())
             record = Exploit(rnd, m.member_id, m.exploited_from.member_id, fmt.value, before,

@@ -18,13 +18,15 @@ or from memory, so ``load(path)`` and ``load_bytes`` agree), with
   element that claims gigabytes is refused, not materialised.
 
 Exceeding a bound is a :class:`FormatError` that names the file.
+
+:class:`vgs_ckpt.readers.legacy.LegacyReader` serves such a file through the
+reader protocol.
 """
 
 from __future__ import annotations
 
 import io
 import math
-import os
 import pickle
 import re
 import zipfile
@@ -34,6 +36,7 @@ from typing import IO, Any
 
 import torch
 
+from vgs_ckpt._container import Source
 from vgs_ckpt.errors import FormatError, UnsafeCheckpointError, VgsCkptError
 from vgs_ckpt.models import CheckpointFormat, check_format_version
 
@@ -61,12 +64,12 @@ class LegacyCheckpoint:
     has_optimizer_state: bool | None  # None when the file has no such flag
 
 
-def _stored_zip(data: bytes | IO[bytes], size: int, where: str) -> IO[bytes]:
+def _stored_zip(data: IO[bytes], size: int, where: str) -> IO[bytes]:
     """The archive rebuilt with every record stored (uncompressed) and its CRC-32
     checked, within the bounds."""
     budget = MAX_EXPANSION * size + EXPANSION_SLACK
     try:
-        with zipfile.ZipFile(io.BytesIO(data) if isinstance(data, bytes) else data) as archive:
+        with zipfile.ZipFile(data) as archive:
             infos = archive.infolist()
             if len(infos) > _MAX_RECORDS:
                 raise FormatError(f"{where}: the zip holds {len(infos)} records (at most "
@@ -105,13 +108,11 @@ def _stored_zip(data: bytes | IO[bytes], size: int, where: str) -> IO[bytes]:
                           f"{exc}); the file is corrupt or truncated") from None
 
 
-def _torch_load(data: bytes | IO[bytes], size: int, container: str,
+def _torch_load(data: IO[bytes], size: int, container: str,
                 map_location: str | torch.device, where: str) -> Any:
     if container == "torch-zip":
         data = _stored_zip(data, size, where)
     try:
-        if isinstance(data, bytes):
-            data = io.BytesIO(data)
         data.seek(0)
         return torch.load(data, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -202,23 +203,18 @@ def _flag(value: Any, where: str) -> bool | None:
                       f"{type(value).__name__} {value!r:.60}")
 
 
-def read_legacy(data: bytes | bytearray | memoryview | IO[bytes], *, container: str,
-                map_location: str | torch.device = "cpu", where: str = "<bytes>"
-                ) -> LegacyCheckpoint:
+def read_legacy(source: Source, *, container: str,
+                map_location: str | torch.device = "cpu") -> LegacyCheckpoint:
     """Read and classify a legacy ``torch.save`` checkpoint with ``weights_only=True``,
-    from its bytes or from an open file (read by the same code: the results agree).
+    from any source (a file and bytes are read by the same code: the results agree).
 
     Raises:
         UnsafeCheckpointError: the pickle asks for a global beyond the safe set.
         UnsupportedVersionError: the file names a newer format than this library knows.
         FormatError: the file is corrupt, not a checkpoint, or beyond the bounds above.
     """
-    if isinstance(data, bytes | bytearray | memoryview):
-        raw: bytes | IO[bytes] = data if isinstance(data, bytes) else bytes(data)
-        size = len(raw)  # type: ignore[arg-type]
-    else:
-        raw, size = data, os.fstat(data.fileno()).st_size
-    obj = _torch_load(raw, size, container, map_location, where)
+    where, size = source.where, source.size()
+    obj = _torch_load(source.stream(), size, container, map_location, where)
     _check_bounds(obj, size, where)
     if isinstance(obj, Mapping) and "format_version" in obj:
         fmt = check_format_version(obj["format_version"], where)

@@ -29,8 +29,8 @@ from pydantic import (
     field_validator,
 )
 
-from vgs_ckpt._container import ContainerKind
 from vgs_ckpt._dtypes import CODES
+from vgs_ckpt._tree import node_schema
 from vgs_ckpt.errors import FormatError, UnsupportedVersionError
 
 __all__ = [
@@ -81,6 +81,8 @@ DTypeCode: TypeAlias = Literal[CODES]  # type: ignore[valid-type]
 # Non-finite floats are written as the strings "NaN", "Infinity", "-Infinity".
 AnyFloat: TypeAlias = Annotated[float, WithJsonSchema({"anyOf": [
     {"type": "number"}, {"enum": ["NaN", "Infinity", "-Infinity"]}]})]
+# The containers a checkpoint can come in (safetensors, and the legacy torch.save ones).
+ContainerKind: TypeAlias = Literal["safetensors", "torch-zip", "torch-pickle"]
 TREE_REF = "#/$defs/TreeNode"
 # A marker that json_schemas() replaces by a reference to the tree grammar.
 _TREE_MARK = "x-vgs-ckpt-tree"
@@ -268,30 +270,7 @@ def describe_validation(exc: pydantic.ValidationError, prefix: str = "") -> str:
     return "; ".join(parts)
 
 
-_TAGGED = "tensor", "ndarray", "npscalar"
-TREE_NODE_SCHEMA: dict[str, Any] = {
-    "description": "A node of the encoded parameter tree (docs/spec.md section 5).",
-    "anyOf": [
-        {"type": ["null", "boolean", "string", "integer"]},
-        {"type": "object", "required": ["float"], "additionalProperties": False,
-         "properties": {"float": {"anyOf": [{"type": "number"},
-                                            {"enum": ["nan", "inf", "-inf"]}]}}},
-        {"type": "object", "required": ["dict"], "additionalProperties": False,
-         "properties": {
-             "dict": {"type": "array", "items": {
-                 "type": "array", "minItems": 2, "maxItems": 2,
-                 "prefixItems": [{"type": ["string", "integer"]}, {"$ref": TREE_REF}]}},
-             "ordered": {"const": True}}},
-        *({"type": "object", "required": [tag], "additionalProperties": False,
-           "properties": {tag: {"type": "array", "items": {"$ref": TREE_REF}}}}
-          for tag in ("list", "tuple")),
-        {"type": "object", "required": ["tensor"], "additionalProperties": False,
-         "properties": {"tensor": {"type": "string"}, "requires_grad": {"const": True},
-                        "parameter": {"const": True}}},
-        *({"type": "object", "required": [tag], "additionalProperties": False,
-           "properties": {tag: {"type": "string"}}} for tag in _TAGGED[1:]),
-    ],
-}
+TREE_NODE_SCHEMA: dict[str, Any] = node_schema(TREE_REF)
 
 
 def _replace_tree_marks(node: Any) -> None:

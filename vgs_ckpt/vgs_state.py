@@ -24,6 +24,7 @@ from typing import Any
 import pydantic
 import torch
 
+from vgs_ckpt._tree import dict_items
 from vgs_ckpt.errors import (
     InvalidVGSStateWarning,
     UnsupportedVersionError,
@@ -133,9 +134,10 @@ def summary(parameters: Mapping[Any, Any], tree: Mapping[str, Any], where: str,
 
 
 def _vgs_items(tree: Mapping[str, Any]) -> list[tuple[Any, Any]]:
-    for key, node in tree.get("dict", []):
-        if key == KEY and type(node) is dict and type(node.get("dict")) is list:
-            return [(p[0], p[1]) for p in node["dict"] if type(p) is list and len(p) == 2]
+    """The (key, node) pairs of the encoded tree's VGS state (none if it has none)."""
+    for key, node in dict_items(tree):
+        if key == KEY:
+            return dict_items(node)
     return []
 
 

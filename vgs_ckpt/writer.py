@@ -1,7 +1,8 @@
 """Writing checkpoints: a parameter tree into a safetensors file with a JSON header.
 
-This is the only place where a tree is turned into bytes and the bytes are
-hashed. Reading is in :mod:`vgs_ckpt.reader`.
+This is the only place where a tree is turned into bytes. The bytes go to a
+:class:`~vgs_ckpt.storage.Storage` (default: local files); reading is in
+:mod:`vgs_ckpt.reader`.
 """
 
 from __future__ import annotations
@@ -10,38 +11,52 @@ import io
 import os
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from datetime import datetime
-from typing import IO, Any
+from typing import IO, Any, Unpack
 
 from vgs_ckpt import _header
-from vgs_ckpt._atomic import atomic_write
 from vgs_ckpt._container import MAX_HEADER_BYTES, layout, loads_json
-from vgs_ckpt._header import META_HEADER
+from vgs_ckpt._header import META_HEADER, HeaderFields
 from vgs_ckpt._tree import Array
 from vgs_ckpt.errors import FormatError, UsageError, VgsCkptError
-from vgs_ckpt.models import CheckpointFormat, CheckpointHeader, Lineage, Producer, Provenance
+from vgs_ckpt.models import CheckpointHeader, Producer
+from vgs_ckpt.storage import Storage, resolve
 
-__all__ = ["describe", "save", "save_bytes"]
-
-INLINE_HASH = 256 * 1024  # smaller arrays are hashed on the calling thread
+__all__ = ["HeaderFields", "describe", "save", "save_bytes"]
 
 
 def write(stream: IO[bytes], header: CheckpointHeader, arrays: Mapping[str, Array],
-          data: Mapping[str, memoryview] | None = None) -> CheckpointHeader:
-    """Write header and data (``data``, or each array's own bytes); digests are computed
-    on a second thread while the data is written, then the header is rewritten with
-    them. Returns the header as written."""
+          data: Mapping[str, memoryview] | None = None, *, seekable: bool = False
+          ) -> CheckpointHeader:
+    """Write header and data (``data``, or each array's own bytes) to ``stream``;
+    returns the header as written.
+
+    The default is one forward pass: every digest is computed first (the bytes are
+    in memory already), then the header and the data are written in order, with no
+    seek, so any stream will do. With ``seekable`` (a local file), hashing overlaps
+    writing instead: a placeholder header goes first and is rewritten at the end.
+    """
     sizes = [(n, a.dtype, a.shape, a.nbytes) for n, a in arrays.items()]
     head, order = layout(sizes, _header.metadata(header))
-    check_readable(head)  # before anything is written
+    check_readable(head)  # before anything is written (digests have a fixed length)
+
+    def raw(name: str) -> memoryview:
+        return data[name] if data is not None else arrays[name].data()
+
+    if not seekable:
+        header = _header.with_digests(header, _header.digests((n, raw(n)) for n in order))
+        head, _ = layout(sizes, _header.metadata(header))
+        stream.write(head)
+        for name in order:
+            stream.write(raw(name))
+        return header
     stream.write(head)
     digests: dict[str, str | Future[str]] = {}
     with ThreadPoolExecutor(1, thread_name_prefix="vgs_ckpt-hash") as pool:
         for name in order:
-            raw = data[name] if data is not None else arrays[name].data()
-            digests[name] = (pool.submit(_header.digest, raw) if len(raw) > INLINE_HASH
-                             else _header.digest(raw))
-            stream.write(raw)
+            view = raw(name)
+            digests[name] = (pool.submit(_header.digest, view)
+                             if len(view) > _header.INLINE_HASH else _header.digest(view))
+            stream.write(view)
         final = {n: d if isinstance(d, str) else d.result() for n, d in digests.items()}
     header = _header.with_digests(header, final)
     real_head, _ = layout(sizes, _header.metadata(header))
@@ -69,12 +84,24 @@ def check_readable(head: bytes) -> None:
                          "written") from None
 
 
-def prepare(parameters: Mapping[Any, Any], where: str, **fields: Any
-            ) -> tuple[CheckpointHeader, dict[str, Array]]:
-    """The validated header (placeholder digests) and the arrays of a tree to write;
-    ``fields`` are ``save``'s header arguments. Shared by every writer."""
-    return _header.describe(parameters, where=where,
-                            vgs_fix="fix the scaler's configuration", **fields)
+def prepare(parameters: Mapping[Any, Any], where: str, fields: Mapping[str, Any],
+            function: str) -> tuple[CheckpointHeader, dict[str, Array]]:
+    """The validated header (placeholder digests) and the arrays of a tree to write,
+    from ``function``'s header arguments. Shared by every writer."""
+    return _header.describe(parameters, _header.check_fields(fields, function), where=where,
+                            vgs_fix="fix the scaler's configuration")
+
+
+def commit(storage: Storage, key: str, header: CheckpointHeader, arrays: Mapping[str, Array],
+           data: Mapping[str, memoryview] | None = None, *, durable: bool = True
+           ) -> CheckpointHeader:
+    """Write a checkpoint to ``key`` of ``storage`` atomically; the header written."""
+    seekable = storage.capabilities.seekable_writes
+    written: list[CheckpointHeader] = []
+    storage.commit(key, lambda f: written.append(write(f, header, arrays, data,
+                                                       seekable=seekable)),
+                   durable=durable)
+    return written[0]
 
 
 def check_path(path: Any, parameters: Any, function: str = "save") -> str:
@@ -90,79 +117,57 @@ def check_path(path: Any, parameters: Any, function: str = "save") -> str:
     return os.fspath(path)
 
 
-def save(path: str | os.PathLike[str], parameters: Mapping[Any, Any], *, step: int,
-         performance: float | None = None, member_id: str | None = None,
-         hyperparams: Mapping[str, Any] | None = None,
-         lineage: Lineage | Mapping[str, Any] | None = None,
-         format: CheckpointFormat | str = CheckpointFormat.V2_FULL_PARAMETERS,
-         created_at: datetime | None = None, provenance: Provenance | None = None,
-         durable: bool = True) -> CheckpointHeader:
+def save(path: str | os.PathLike[str], parameters: Mapping[Any, Any], *,
+         storage: Storage | None = None, durable: bool = True,
+         **fields: Unpack[HeaderFields]) -> CheckpointHeader:
     """Save a parameter tree atomically as a safetensors checkpoint.
 
     Args:
-        path: the file to write; missing parent directories are created.
+        path: the file (or, with ``storage``, the key) to write; missing parent
+            directories are created.
         parameters: a dict tree (e.g. ``model.get_parameters()``) whose leaves are
             None, bool, int, float, str, torch tensors, numpy arrays or scalars.
-        step: the training step (>= 0).
-        performance: the member's metric, finite or None.
-        member_id, hyperparams, lineage: PBT bookkeeping stored in the header.
-        format: ``v2_full_parameters`` (default) or the legacy ``v1_policy_only``.
-        created_at: timestamp to record (default: now, UTC).
-        provenance: upgrade history to record (set by ``vgs-ckpt upgrade``).
+        storage: where to write (default: the local file system).
         durable: fsync the file and its directory (default True).
+        **fields: the header's fields (:class:`~vgs_ckpt.HeaderFields`): ``step``
+            (required, >= 0), ``performance`` (finite or None), ``member_id``,
+            ``hyperparams``, ``lineage`` (PBT bookkeeping), ``format``
+            (``v2_full_parameters``, the default, or the legacy ``v1_policy_only``),
+            ``created_at`` (default: now, UTC), ``provenance`` (upgrade history).
 
     Returns:
         The header that was written.
 
     Raises:
-        UsageError: a header field or the VGS state is invalid, tensor names collide,
-            or the arguments are swapped.
+        UsageError: a header field or the VGS state is invalid, a field is unknown,
+            tensor names collide, or the arguments are swapped.
         UnsupportedTypeError: a leaf or key cannot be stored (the path is named).
         CheckpointIOError: the file could not be written; the old file is intact.
 
     Example:
         >>> vgs_ckpt.save(tmp / "m.safetensors", {"policy": {"w": torch.ones(2)}}, step=1)
     """
-    target = check_path(path, parameters)
-    header, arrays = prepare(
-        parameters, target, step=step, performance=performance, member_id=member_id,
-        hyperparams=hyperparams, lineage=lineage, format=format, created_at=created_at,
-        provenance=provenance)
-    written: list[CheckpointHeader] = []
-    atomic_write(target, lambda f: written.append(write(f, header, arrays)), durable=durable)
-    return written[0]
+    backend, key = resolve(check_path(path, parameters), storage, function="save")
+    header, arrays = prepare(parameters, key, fields, "save")
+    return commit(backend, key, header, arrays, durable=durable)
 
 
-def save_bytes(parameters: Mapping[Any, Any], *, step: int, performance: float | None = None,
-               member_id: str | None = None, hyperparams: Mapping[str, Any] | None = None,
-               lineage: Lineage | Mapping[str, Any] | None = None,
-               format: CheckpointFormat | str = CheckpointFormat.V2_FULL_PARAMETERS,
-               created_at: datetime | None = None,
-               provenance: Provenance | None = None) -> bytes:
+def save_bytes(parameters: Mapping[Any, Any], **fields: Unpack[HeaderFields]) -> bytes:
     """The bytes :func:`save` would write, as a ``bytes`` object."""
-    header, arrays = prepare(
-        parameters, "<bytes>", step=step, performance=performance, member_id=member_id,
-        hyperparams=hyperparams, lineage=lineage, format=format, created_at=created_at,
-        provenance=provenance)
+    header, arrays = prepare(parameters, "<bytes>", fields, "save_bytes")
     buffer = io.BytesIO()
     write(buffer, header, arrays)
     return buffer.getvalue()
 
 
-def describe(parameters: Mapping[Any, Any], *, step: int, performance: float | None = None,
-             member_id: str | None = None, hyperparams: Mapping[str, Any] | None = None,
-             lineage: Lineage | Mapping[str, Any] | None = None,
-             format: CheckpointFormat | str = CheckpointFormat.V2_FULL_PARAMETERS,
-             created_at: datetime | None = None,
-             provenance: Provenance | Mapping[str, Any] | None = None,
+def describe(parameters: Mapping[Any, Any], *,
              producer: Producer | Mapping[str, str] | None = None, where: str = "<memory>",
-             invalid: type[VgsCkptError] = UsageError, fix: str = "") -> CheckpointHeader:
+             invalid: type[VgsCkptError] = UsageError, fix: str = "",
+             **fields: Unpack[HeaderFields]) -> CheckpointHeader:
     """The header :func:`save` would write for ``parameters``, with every tensor digest
     None: no tensor byte is read, copied or hashed (tensors may be on any device, even
     ``meta``). Invalid fields or VGS settings raise ``invalid`` (with ``fix``)."""
     header, _ = _header.describe(
-        parameters, step=step, performance=performance, member_id=member_id,
-        hyperparams=hyperparams, lineage=lineage, format=format, created_at=created_at,
-        provenance=provenance, producer=producer, where=where, for_writing=False,
-        error=invalid, vgs_error=invalid, vgs_fix=fix)
+        parameters, _header.check_fields(fields, "describe"), producer=producer, where=where,
+        for_writing=False, error=invalid, vgs_error=invalid, vgs_fix=fix)
     return header

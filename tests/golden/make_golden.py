@@ -21,17 +21,20 @@ def tiny_tree() -> dict[str, Any]:
     return {"policy": {"w": torch.tensor([1.0, -2.0])}, "extra": {"k": [1, 0.5, (True, None)]}}
 
 
-def tiny_bytes() -> bytes:
+def tiny_bytes(*, seekable: bool = False) -> bytes:
+    """The golden file's bytes, written in one forward pass (or, with ``seekable``,
+    by the local-file path that rewrites the header at the end)."""
     import io
 
     from vgs_ckpt import _header, writer
     from vgs_ckpt.models import Producer
 
     header, arrays = _header.describe(
-        tiny_tree(), step=7, performance=0.5, member_id="m0", hyperparams={"lr": 0.001},
-        created_at=GOLDEN_TIME, producer=Producer(name="vgs_ckpt", version=GOLDEN_VERSION))
+        tiny_tree(), {"step": 7, "performance": 0.5, "member_id": "m0",
+                      "hyperparams": {"lr": 0.001}, "created_at": GOLDEN_TIME},
+        producer=Producer(name="vgs_ckpt", version=GOLDEN_VERSION))
     buffer = io.BytesIO()
-    writer.write(buffer, header, arrays)
+    writer.write(buffer, header, arrays, seekable=seekable)
     return buffer.getvalue()
 
 

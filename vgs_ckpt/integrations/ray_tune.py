@@ -31,9 +31,10 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
-from vgs_ckpt import reader, writer
+from vgs_ckpt import loading, writer
+from vgs_ckpt._header import HeaderFields
 from vgs_ckpt.errors import FormatError, MissingDependencyError
 from vgs_ckpt.models import CheckpointV2, ExploitSource, Lineage
 from vgs_ckpt.pbt.transfer import OptimizerStrategy, apply_hyperparams, reset_optimizer_state
@@ -68,19 +69,20 @@ def _json_hyperparams(config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def save_checkpoint(directory: str | os.PathLike[str], parameters: Mapping[Any, Any], *,
-                    step: int, performance: float | None = None,
                     config: Mapping[str, Any] | None = None, trial_id: str | None = None,
-                    lineage: Lineage | None = None) -> Any:
+                    **fields: Unpack[HeaderFields]) -> Any:
     """Write a v2 checkpoint into ``directory`` and return it as a ``ray.tune.Checkpoint``.
 
-    The header records the trial id (as ``member_id``), the iteration (``step``), the
-    trial's hyperparameters and the lineage.
+    ``fields`` are the header's (:class:`~vgs_ckpt.HeaderFields`; ``step`` is the
+    iteration). By default the header records the trial id (``trial_id``, else the
+    current trial's) as ``member_id`` and the trial's JSON-representable ``config``
+    entries as ``hyperparams``; explicit ``member_id=`` or ``hyperparams=`` win.
     """
     tune = _tune()
     path = Path(directory) / CHECKPOINT_FILE
-    writer.save(path, parameters, step=step, performance=performance,
-               member_id=trial_id or _trial_id(), hyperparams=_json_hyperparams(config or {}),
-               lineage=lineage)
+    fields.setdefault("member_id", trial_id or _trial_id())
+    fields.setdefault("hyperparams", _json_hyperparams(config or {}))
+    writer.save(path, parameters, **fields)
     return tune.Checkpoint.from_directory(os.fspath(directory))
 
 
@@ -126,9 +128,9 @@ def restore_checkpoint(checkpoint: Any, config: Mapping[str, Any], *,
         if not path.is_file():
             raise FormatError(f"{directory}: no {CHECKPOINT_FILE} in this Ray checkpoint; "
                               "was it written with vgs_ckpt.integrations.ray_tune?")
-        loaded, _ = upgrade(reader.load(path, map_location=map_location))
-        # The tensors are private memory maps: they stay valid after Ray deletes
-        # a temporary download directory.
+        loaded, _ = upgrade(loading.load(path, map_location=map_location))
+        # The tensors are in memory this process owns: they stay valid after Ray
+        # deletes a temporary download directory.
     header = loaded.header
     if not isinstance(header, CheckpointV2):
         raise FormatError(f"{path}: expected a v2_full_parameters checkpoint, got "

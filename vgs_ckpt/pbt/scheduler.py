@@ -5,17 +5,14 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from vgs_ckpt import reader
 from vgs_ckpt.checkpoint import Checkpoint
-from vgs_ckpt.errors import CheckpointNotFoundError, UsageError, VgsCkptError, warn
+from vgs_ckpt.errors import CheckpointNotFoundError, UsageError, warn
 from vgs_ckpt.models import CheckpointFormat, CheckpointV2, ExploitSource, Lineage
 from vgs_ckpt.pbt.store import CheckpointRef, CheckpointStore, check_member_id
 from vgs_ckpt.pbt.transfer import OptimizerStrategy, exploit
@@ -24,7 +21,6 @@ __all__ = ["HyperparamSpec", "PBTConfig", "PBTScheduler", "PopulationMember",
            "truncation_count"]
 
 logger = logging.getLogger("vgs_ckpt")
-_PREVIOUS_RUNS = "_previous_runs"
 
 
 @dataclass(frozen=True)
@@ -76,18 +72,6 @@ class HyperparamSpec:
         assert self.min_value is not None and self.max_value is not None
         value = min(max(value, self.min_value), self.max_value)
         return round(value) if self.integer else value
-
-
-def _move_aside(root: Path) -> Path:
-    """Move everything in ``root`` but earlier moved-aside runs into
-    ``root/_previous_runs/<UTC time>/``."""
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
-    target = root / _PREVIOUS_RUNS / stamp
-    target.mkdir(parents=True)
-    for entry in sorted(os.listdir(root)):
-        if entry != _PREVIOUS_RUNS:
-            os.replace(root / entry, target / entry)
-    return target
 
 
 def truncation_count(population: int, ratio: float) -> int:
@@ -195,7 +179,7 @@ class PBTScheduler:
         if not existing and config.resume == "must":
             raise UsageError(f"resume='must' but {root} holds no checkpoints to resume")
         if existing and config.resume in ("fresh", "never"):
-            self.moved_to = _move_aside(root)
+            self.moved_to = self.store.archive_run()
             logger.warning("moved the previous run's checkpoints to %s", self.moved_to)
         self.members: dict[str, PopulationMember] = {}
         self.resumed = bool(existing) and config.resume in ("auto", "must")
@@ -207,12 +191,9 @@ class PBTScheduler:
     def _resume_member(self, member_id: str) -> None:
         """Rebuild a member from its most recent readable checkpoint's header (each of
         its files' headers is read once; unreadable files are skipped)."""
-        headers = []
-        for path in self.store._paths(member_id):  # in write order
-            try:
-                headers.append(reader.read_header(path))
-            except VgsCkptError as exc:
-                logger.warning("resume: skipping unreadable %s (%s)", path, exc)
+        # In write order; the store skips unreadable files with a warning.
+        headers = [ref.header for ref in self.store.checkpoints(member_id)
+                   if ref.header is not None]
         if not headers:
             logger.warning("resume: member %s has no readable checkpoint; it starts afresh",
                            member_id)

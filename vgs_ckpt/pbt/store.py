@@ -1,22 +1,24 @@
 """A checkpoint store for a PBT population: one directory per member, atomic files,
-retention, latest/best lookup, and exploit-time checkout by hard link."""
+retention, latest/best lookup, exploit-time checkout by hard link, and the
+archive of earlier runs. The store owns the whole layout (spec section 11); it
+reaches the bytes through a :class:`~vgs_ckpt.storage.Storage`."""
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import re
-import shutil
 import threading
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from types import TracebackType
+from typing import Any, Literal, Unpack
 
-from vgs_ckpt import reader, writer
-from vgs_ckpt._atomic import atomic_write, link_name, sweep_temp_files
+from vgs_ckpt import loading, reader, writer
+from vgs_ckpt._header import HeaderFields
 from vgs_ckpt.async_save import AsyncSaver, SaveHandle, default_saver
 from vgs_ckpt.checkpoint import Checkpoint
 from vgs_ckpt.errors import (
@@ -25,7 +27,8 @@ from vgs_ckpt.errors import (
     UsageError,
     VgsCkptError,
 )
-from vgs_ckpt.models import CheckpointFormat, Lineage
+from vgs_ckpt.models import CheckpointHeader
+from vgs_ckpt.storage import LOCAL, Storage
 
 __all__ = ["CheckpointRef", "CheckpointStore", "check_member_id", "unreadable_checkpoints"]
 
@@ -34,6 +37,7 @@ _MEMBER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # used with fullma
 # step_<step>_w<write number>.safetensors; files of vgs_ckpt < 0.6 have no write number.
 _FILE = re.compile(r"step_(\d{12})(?:_w(\d{12}))?\.safetensors")
 _EXPLOITS = "_exploits"
+PREVIOUS_RUNS = "_previous_runs"  # earlier runs moved aside by archive_run()
 _CHECKOUT_RETRIES = 20
 
 
@@ -59,6 +63,8 @@ class CheckpointRef:
     performance: float | None
     # For a save still running in the background (``async_save=True``): its handle.
     pending: SaveHandle | None = field(default=None, compare=False, repr=False)
+    # The file's header, when the store read it (checkpoints(), latest(), best()).
+    header: CheckpointHeader | None = field(default=None, compare=False, repr=False)
 
 
 class CheckpointStore:
@@ -99,6 +105,10 @@ class CheckpointStore:
     and the save's handle (``ref.pending``) raise its error. Other processes see a
     file only once it is complete, as with synchronous saves.
 
+    ``storage`` is where the files live (default: the local file system). A store is
+    a context manager: leaving the ``with`` block is :meth:`close` (wait for pending
+    saves, raise the first failure).
+
     Example:
         >>> store = CheckpointStore("ckpts", keep_last=2, keep_best=1)
         >>> store.save("3", model.get_parameters(), step=150, performance=0.9)
@@ -106,13 +116,15 @@ class CheckpointStore:
 
     def __init__(self, root: str | os.PathLike[str], *, keep_last: int = 2, keep_best: int = 1,
                  mode: Literal["max", "min"] = "max", durable: bool = True,
-                 async_save: bool = False, saver: AsyncSaver | None = None) -> None:
+                 async_save: bool = False, saver: AsyncSaver | None = None,
+                 storage: Storage | None = None) -> None:
         if keep_last < 1 or keep_best < 0:
             raise UsageError(f"keep_last must be >= 1 and keep_best >= 0, got {keep_last} "
                              f"and {keep_best}")
         if mode not in ("max", "min"):
             raise UsageError(f"mode must be 'max' or 'min', got {mode!r}")
         self.root = Path(root)
+        self.storage: Storage = storage if storage is not None else LOCAL
         self.keep_last, self.keep_best, self.mode = keep_last, keep_best, mode
         self.durable = durable
         self.async_save = async_save
@@ -122,13 +134,13 @@ class CheckpointStore:
         self._forget_pending()
         _STORES.add(self)
         self._warned: set[tuple[Path, str]] = set()
-        if not self.root.is_dir():
-            try:
-                self.root.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise CheckpointIOError(exc.errno, f"cannot create the store directory "
-                                        f"{self.root}: {exc.strerror}", str(self.root)) from None
-        self.read_only = not os.access(self.root, os.W_OK | os.X_OK)
+        try:
+            self.storage.makedirs(self._key())
+        except CheckpointIOError as exc:
+            raise CheckpointIOError(exc.errno, f"cannot create the store directory "
+                                    f"{self.root}: {exc.strerror or exc}",
+                                    str(self.root)) from None
+        self.read_only = not self.storage.writable(self._key())
         if self.read_only:
             logger.warning("%s is not writable by this process: the store is open for "
                            "reading only, and saves to it will fail", self.root)
@@ -138,11 +150,47 @@ class CheckpointStore:
         """Remove the temp files of dead vgs_ckpt writers in the store's directories
         (the root, each member's directory and its ``_exploits``); returns what was
         (or would be) removed. Nothing else, and nothing deeper, is touched."""
-        directories = [self.root]
+        directories = [self._key()]
         for member_id in self._member_dirs():
-            directories += [self.root / member_id, self.root / member_id / _EXPLOITS]
-        return [path for directory in directories
-                for path in sweep_temp_files(directory, dry_run=dry_run)]
+            directories += [self._key(member_id), self._key(member_id, _EXPLOITS)]
+        return [Path(key) for directory in directories
+                for key in self.storage.sweep(directory, dry_run=dry_run)]
+
+    def _key(self, *names: str) -> str:
+        """The storage key of ``names`` below the root."""
+        return self.storage.join(os.fspath(self.root), *names)
+
+    def close(self) -> None:
+        """Wait for every pending background save (:meth:`flush`); the store stays
+        usable (closing is for the ``with`` statement)."""
+        self.flush()
+
+    def __enter__(self) -> CheckpointStore:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if kind is None:
+            self.close()
+        else:  # keep the original error; the saves still finish
+            self._wait()
+
+    def archive_run(self) -> Path | None:
+        """Move every member's files (and anything else in the root but earlier
+        archives) into ``root/_previous_runs/<UTC time>/``, so a fresh run starts in
+        an empty store; the archive's path, or None if there was nothing to move."""
+        self._wait()
+        entries = [info for info in self.storage.entries(self._key())
+                   if info.name != PREVIOUS_RUNS]
+        if not entries:
+            return None
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+        target = self._key(PREVIOUS_RUNS, stamp)
+        self.storage.makedirs(target)
+        for info in entries:
+            self.storage.move(info.key, self.storage.join(target, info.name))
+        self._sequence.clear()
+        return Path(target)
 
     def _forget_pending(self) -> None:
         """No background save pending (at creation, and in a forked child, where the
@@ -153,10 +201,10 @@ class CheckpointStore:
 
     def _member_dirs(self) -> list[str]:
         try:
-            entries = list(os.scandir(self.root))
-        except OSError:
+            entries = self.storage.entries(self._key())
+        except CheckpointIOError:
             return []
-        return sorted(e.name for e in entries if e.is_dir(follow_symlinks=False)
+        return sorted(e.name for e in entries if e.directory
                       and _MEMBER_ID.fullmatch(e.name) and ".." not in e.name)
 
     def member_ids(self) -> list[str]:
@@ -167,24 +215,32 @@ class CheckpointStore:
     def member_dir(self, member_id: str) -> Path:
         return self.root / check_member_id(member_id)
 
-    def save(self, member_id: str, parameters: Mapping[Any, Any], *, step: int,
-             performance: float | None = None, hyperparams: Mapping[str, Any] | None = None,
-             lineage: Lineage | None = None,
-             format: CheckpointFormat | str = CheckpointFormat.V2_FULL_PARAMETERS
-             ) -> CheckpointRef:
+    def save(self, member_id: str, parameters: Mapping[Any, Any], /,
+             **fields: Unpack[HeaderFields]) -> CheckpointRef:
         """Save one checkpoint of a member atomically, then apply retention (in the
-        background, after the commit, with ``async_save``)."""
+        background, after the commit, with ``async_save``).
+
+        ``fields`` are the header's (:class:`~vgs_ckpt.HeaderFields`: ``step``,
+        ``performance``, ``hyperparams``, ``lineage``, ``format``, ``created_at``,
+        ``provenance``); ``member_id`` is the member's, and may be left out.
+        """
+        check_member_id(member_id)
+        if fields.get("member_id", member_id) != member_id:
+            raise UsageError(f"save({member_id!r}, ...): member_id={fields['member_id']!r} "
+                             "names another member; leave it out")
+        fields = {**fields, "member_id": member_id}
+        step, performance = fields.get("step"), fields.get("performance")
+        if type(step) is not int or step < 0:
+            raise UsageError(f"save({member_id!r}, ...): step must be an int >= 0, got "
+                             f"{step!r:.60}")
         number = self._next_write_number(member_id)
         path = self.member_dir(member_id) / f"step_{step:012d}_w{number:012d}.safetensors"
-        fields: dict[str, Any] = {
-            "step": step, "performance": performance, "member_id": member_id,
-            "hyperparams": hyperparams, "lineage": lineage, "format": format,
-            "durable": self.durable}
         if not self.async_save:
-            writer.save(path, parameters, **fields)
+            writer.save(path, parameters, storage=self.storage, durable=self.durable, **fields)
             self._prune(member_id)
             return CheckpointRef(member_id, step, path, performance)
-        handle = (self._saver or default_saver()).save(path, parameters, **fields)
+        handle = (self._saver or default_saver()).save(
+            path, parameters, storage=self.storage, durable=self.durable, **fields)
         with self._done:
             self._pending.setdefault(member_id, []).append(handle)
         handle.add_done_callback(lambda done: self._committed(member_id, done))
@@ -236,7 +292,7 @@ class CheckpointStore:
 
     def _ref(self, member_id: str, path: Path) -> CheckpointRef | None:
         try:
-            header = reader.read_header(path)
+            header = reader.read_header(path, storage=self.storage)
         except CheckpointNotFoundError:
             return None  # pruned by another process meanwhile
         except VgsCkptError as exc:
@@ -247,11 +303,11 @@ class CheckpointStore:
                 logger.warning("member %s: skipping unreadable checkpoint %s (%s)",
                                member_id, path, exc)
             return None
-        return CheckpointRef(member_id, header.step, path, header.performance)
+        return CheckpointRef(member_id, header.step, path, header.performance, header=header)
 
     def checkpoints(self, member_id: str) -> list[CheckpointRef]:
-        """The member's checkpoints, in the order they were written, oldest first
-        (headers are read, not tensors)."""
+        """The member's readable checkpoints, in the order they were written, oldest
+        first (headers are read, not tensors: each ref has its ``header``)."""
         self._wait(member_id)
         return self._refs(member_id)
 
@@ -263,22 +319,12 @@ class CheckpointStore:
         """The member's files in write order: by write number; files without one (from
         vgs_ckpt < 0.6) first, by modification time, then step."""
         directory = self.member_dir(member_id)
-        try:
-            entries = list(os.scandir(directory))
-        except (FileNotFoundError, NotADirectoryError):
-            return []
-        except OSError as exc:
-            raise CheckpointIOError(exc.errno, f"cannot list {directory}: {exc.strerror}",
-                                    str(directory)) from None
         found = []
-        for entry in entries:
+        for entry in self.storage.entries(self._key(member_id)):
             match = _FILE.fullmatch(entry.name)
-            if match is None:
+            if match is None or entry.directory:
                 continue
-            try:
-                mtime = 0 if match[2] else entry.stat().st_mtime_ns
-            except OSError:
-                continue  # pruned meanwhile
+            mtime = 0 if match[2] else entry.modified_ns
             found.append((int(match[2] or 0), mtime, int(match[1]), entry.name,
                           directory / entry.name))
         return [item[-1] for item in sorted(found)]
@@ -309,7 +355,7 @@ class CheckpointStore:
         keep |= {r.path for r in self._best_first(refs)[:self.keep_best]}
         for ref in refs:
             if ref.path not in keep:
-                ref.path.unlink(missing_ok=True)
+                self.storage.delete(os.fspath(ref.path))
 
     def checkout(self, donor_id: str, recipient_id: str) -> CheckpointRef:
         """Pin the donor's latest checkpoint into the recipient's namespace.
@@ -323,10 +369,10 @@ class CheckpointStore:
             CheckpointNotFoundError: the donor has no checkpoint.
         """
         target_dir = self.member_dir(recipient_id) / _EXPLOITS
-        target_dir.mkdir(parents=True, exist_ok=True)
-        for old in target_dir.iterdir():  # keep only the newest pinned file
-            if old.is_file():
-                old.unlink(missing_ok=True)
+        self.storage.makedirs(os.fspath(target_dir))
+        for old in self.storage.entries(os.fspath(target_dir)):  # keep only the newest pin
+            if not old.directory and not old.name.startswith("."):
+                self.storage.delete(old.key)
         for _ in range(_CHECKOUT_RETRIES):
             ref = self.latest(donor_id)
             if ref is None:
@@ -335,8 +381,8 @@ class CheckpointStore:
                                               "be exploited")
             target = target_dir / f"{donor_id}_step_{ref.step:012d}.safetensors"
             try:
-                _link_or_copy(ref.path, target)
-            except FileNotFoundError:
+                self.storage.pin(os.fspath(ref.path), os.fspath(target))
+            except CheckpointNotFoundError:
                 continue  # the donor pruned it after we looked: look again
             return CheckpointRef(donor_id, ref.step, target, ref.performance)
         raise VgsCkptError(f"could not pin a checkpoint of member {donor_id!r}: its files "
@@ -349,26 +395,26 @@ class CheckpointStore:
             if ref is None:
                 raise CheckpointNotFoundError(f"member {member_id!r} has no checkpoint")
             try:
-                return reader.load(ref.path, **load_kwargs), ref
+                return loading.load(ref.path, storage=self.storage, **load_kwargs), ref
             except CheckpointNotFoundError:
                 continue
         raise VgsCkptError(f"member {member_id!r}'s checkpoints kept changing")
 
 
-def unreadable_checkpoints(root: str | os.PathLike[str]) -> list[tuple[Path, str]]:
+def unreadable_checkpoints(root: str | os.PathLike[str], *, storage: Storage | None = None
+                           ) -> list[tuple[Path, str]]:
     """Every store checkpoint file (``step_*.safetensors``) under ``root`` that cannot be
     read, with why (for ``vgs-ckpt sweep``)."""
+    backend = storage if storage is not None else LOCAL
     found = []
-    for directory, _, names in sorted(os.walk(root, followlinks=False)):
-        for name in sorted(names):
-            if _FILE.fullmatch(name):
-                path = Path(directory) / name
-                try:
-                    reader.read_header(path)
-                except CheckpointNotFoundError:
-                    continue
-                except VgsCkptError as exc:
-                    found.append((path, str(exc)))
+    for info in backend.entries(os.fspath(root), recursive=True):
+        if not info.directory and _FILE.fullmatch(info.name):
+            try:
+                reader.read_header(info.key, storage=backend)
+            except CheckpointNotFoundError:
+                continue
+            except VgsCkptError as exc:
+                found.append((Path(info.key), str(exc)))
     return found
 
 
@@ -387,18 +433,3 @@ if hasattr(os, "register_at_fork"):
 def _write_number(path: Path) -> int:
     match = _FILE.fullmatch(path.name)
     return int(match[2]) if match and match[2] else 0
-
-
-def _link_or_copy(source: Path, target: Path) -> None:
-    tmp = link_name(target)
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(source, tmp)
-    except OSError as exc:
-        if exc.errno not in (errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EMLINK):
-            raise
-        with open(source, "rb") as src:  # an open file survives the donor's unlink
-            atomic_write(target, lambda f: shutil.copyfileobj(src, f))
-        return
-    os.replace(tmp, target)
-

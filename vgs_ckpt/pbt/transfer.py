@@ -8,7 +8,7 @@ from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from vgs_ckpt import reader
+from vgs_ckpt import loading
 from vgs_ckpt.errors import UsageError
 from vgs_ckpt.models import CheckpointFormat, ExploitSource
 from vgs_ckpt.pbt.store import CheckpointStore
@@ -136,7 +136,7 @@ def exploit(store: CheckpointStore, recipient_id: str, donor_id: str,
         raise UsageError(f"optimizer_strategy must be 'copy' or 'reset', got "
                          f"{optimizer_strategy!r}")
     ref = store.checkout(donor_id, recipient_id)
-    ckpt = reader.load(ref.path, map_location=map_location, upgrade=False)
+    ckpt = loading.load(ref.path, map_location=map_location, upgrade=False)
     fmt = ckpt.format
     if fmt is CheckpointFormat.V1_POLICY_ONLY:
         # Only the policy travels; the recipient keeps whatever else it has, exactly

@@ -8,11 +8,10 @@ import shutil
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
-from vgs_ckpt import reader, writer
-from vgs_ckpt._atomic import atomic_write
+from vgs_ckpt import loading, reader, writer
 from vgs_ckpt.errors import CheckpointIOError, UsageError, VgsCkptError
+from vgs_ckpt.storage import LOCAL, Storage
 from vgs_ckpt.upgrades.checkpoint import upgrade
 
 __all__ = ["FileResult", "find_checkpoints", "upgrade_file", "upgrade_files"]
@@ -46,9 +45,9 @@ def find_checkpoints(paths: Iterable[str | os.PathLike[str]]) -> Iterator[tuple[
         if not path.is_dir():
             yield path, path.parent
             continue
-        for found in sorted(path.rglob("*")):
-            name = found.name
-            if (not found.is_file() or name.startswith(".") or ".bak" in found.suffixes
+        for info in LOCAL.entries(os.fspath(path), recursive=True):
+            found, name = Path(info.key), info.name
+            if (info.directory or name.startswith(".") or ".bak" in found.suffixes
                     or name.endswith(".tmp")):
                 continue
             if found.suffix in _SUFFIXES or _sniffs(found):
@@ -64,34 +63,31 @@ def _sniffs(path: Path) -> bool:
     return True
 
 
-def _backup_path(path: Path) -> Path:
-    """Link the file to the first free ``NAME.bak``, ``NAME.bak.1``, ...; never overwrite."""
+def _backup_path(path: Path, storage: Storage) -> Path:
+    """Pin the file to the first free ``NAME.bak``, ``NAME.bak.1``, ...; never overwrite."""
     for n in range(10_000):
         candidate = path.with_name(f"{path.name}.bak" + (f".{n}" if n else ""))
         try:
-            os.link(path, candidate)
+            storage.pin(os.fspath(path), os.fspath(candidate), overwrite=False)
         except FileExistsError:
             continue
-        except OSError:  # no hard links here: copy, refusing to overwrite
-            try:
-                with open(path, "rb") as src, open(candidate, "xb") as dst:
-                    shutil.copyfileobj(src, dst)
-            except FileExistsError:
-                continue
         return candidate
     raise CheckpointIOError(f"no free backup name for {path}")
 
 
-def _copy_into(source: Path, handle: IO[bytes]) -> None:
-    with open(source, "rb") as src:
-        shutil.copyfileobj(src, handle)
+def _copy(source: Path, target: Path, storage: Storage) -> None:
+    """Copy ``source`` to ``target`` atomically."""
+    with storage.open(os.fspath(source)) as src:
+        storage.commit(os.fspath(target), lambda f: shutil.copyfileobj(src.stream(), f))
 
 
-def upgrade_file(source: Path, target: Path | None, *, dry_run: bool = False) -> FileResult:
+def upgrade_file(source: Path, target: Path | None, *, dry_run: bool = False,
+                 storage: Storage | None = None) -> FileResult:
     """Upgrade one file into ``target`` (None: in place, keeping a backup)."""
+    backend = storage if storage is not None else LOCAL
     original = "?"
     try:
-        loaded = reader.load(source, upgrade=False)
+        loaded = loading.load(source, upgrade=False, storage=backend)
         original = f"{loaded.format.value} ({loaded.container})"
         upgraded, steps = upgrade(loaded)
         final = upgraded.format.value
@@ -103,10 +99,10 @@ def upgrade_file(source: Path, target: Path | None, *, dry_run: bool = False) ->
                               "would upgrade" if steps else "up to date")
         if not steps:
             if target is not None and target.resolve() != source.resolve():
-                atomic_write(target, lambda f: _copy_into(source, f))
+                _copy(source, target, backend)
             return FileResult(source, done, original, final, (), "up to date")
-        backup = _backup_path(source) if target is None else None
-        writer.save(done, upgraded.parameters, **upgraded.save_fields())
+        backup = _backup_path(source, backend) if target is None else None
+        writer.save(done, upgraded.parameters, storage=backend, **upgraded.save_fields())
         return FileResult(source, done, original, final, tuple(steps), "upgraded", backup)
     except (VgsCkptError, OSError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
