@@ -54,7 +54,8 @@ def _edit_inner(data: bytes, edit: Any) -> bytes:
     (vgs_ckpt.UnsupportedVersionError, ValueError), (vgs_ckpt.UnsupportedTypeError, TypeError),
     (vgs_ckpt.UnsafeCheckpointError, ValueError),
     (vgs_ckpt.CheckpointNotFoundError, FileNotFoundError),
-    (vgs_ckpt.CheckpointIOError, OSError), (vgs_ckpt.UsageError, ValueError)])
+    (vgs_ckpt.CheckpointIOError, OSError), (vgs_ckpt.UsageError, ValueError),
+    (vgs_ckpt.ArgumentError, TypeError), (vgs_ckpt.ArgumentError, vgs_ckpt.UsageError)])
 def test_every_error_refines_a_builtin(cls: type[Exception], builtin: type[Exception]) -> None:
     assert issubclass(cls, VgsCkptError)
     assert issubclass(cls, builtin)

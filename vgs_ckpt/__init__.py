@@ -10,11 +10,11 @@ vocabulary), :mod:`~vgs_ckpt.errors` (the error taxonomy), :mod:`~vgs_ckpt.model
 (the header schema).
 """
 
-from vgs_ckpt._header import HeaderFields
 from vgs_ckpt._version import __version__
 from vgs_ckpt.async_save import SaveHandle, save_async
 from vgs_ckpt.checkpoint import Checkpoint
 from vgs_ckpt.errors import (
+    ArgumentError,
     CheckpointIOError,
     CheckpointNotFoundError,
     FormatError,
@@ -36,6 +36,7 @@ from vgs_ckpt.models import (
     CheckpointV2,
     ContainerKind,
     ExploitSource,
+    HeaderFields,
     Lineage,
     Provenance,
     TensorInfo,
@@ -54,6 +55,7 @@ from vgs_ckpt.upgrades import upgrade
 from vgs_ckpt.writer import save, save_bytes
 
 __all__ = [
+    "ArgumentError",
     "Checkpoint",
     "CheckpointFormat",
     "CheckpointHeader",

@@ -12,7 +12,7 @@ from collections import deque
 from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
-from typing import Any, Required, TypedDict
+from typing import Any
 
 import pydantic
 import xxhash
@@ -29,53 +29,13 @@ from vgs_ckpt.models import (
     CheckpointHeader,
     CheckpointV1,
     CheckpointV2,
+    HeaderFields,
     Lineage,
     Producer,
-    Provenance,
     check_format_version,
     describe_validation,
     header_adapter,
 )
-
-
-class HeaderFields(TypedDict, total=False):
-    """The header's fields a writer takes, defined once: the keyword arguments of
-    ``save``, ``save_bytes``, ``save_async``, ``CheckpointStore.save`` and the Ray
-    integration (``**fields: Unpack[HeaderFields]``).
-
-    - ``step``: the training step (>= 0), required.
-    - ``performance``: the member's metric, finite or None.
-    - ``member_id``, ``hyperparams``, ``lineage``: PBT bookkeeping (v2 only, but for
-      ``member_id``).
-    - ``format``: ``v2_full_parameters`` (default) or the legacy ``v1_policy_only``.
-    - ``created_at``: the timestamp to record (default: now, UTC).
-    - ``provenance``: the upgrade history to record (set by ``vgs-ckpt upgrade``).
-    """
-
-    step: Required[int]
-    performance: float | None
-    member_id: str | None
-    hyperparams: Mapping[str, Any] | None
-    lineage: Lineage | Mapping[str, Any] | None
-    format: CheckpointFormat | str
-    created_at: datetime | None
-    provenance: Provenance | Mapping[str, Any] | None
-
-
-FIELDS = HeaderFields.__required_keys__ | HeaderFields.__optional_keys__
-
-
-def check_fields(fields: Mapping[str, Any], function: str) -> HeaderFields:
-    """``fields`` if they are header fields with a ``step``, else a UsageError naming
-    the unknown ones (the runtime check behind ``Unpack[HeaderFields]``)."""
-    unknown = sorted(set(fields) - FIELDS)
-    if unknown:
-        raise UsageError(f"{function}() got unknown header argument(s) {', '.join(unknown)}; "
-                         f"the header's fields are {', '.join(sorted(FIELDS))}")
-    if "step" not in fields:
-        raise UsageError(f"{function}() needs step=<the training step>")
-    return fields  # type: ignore[return-value]  # checked above
-
 
 PRODUCER = Producer(name="vgs_ckpt", version=__version__)
 PLACEHOLDER_DIGEST = f"{DIGEST_ALGORITHM}:{'0' * 32}"

@@ -45,10 +45,9 @@ from typing import Any, Unpack
 import numpy as np
 import torch
 
-from vgs_ckpt._header import HeaderFields
 from vgs_ckpt._tree import Array
 from vgs_ckpt.errors import UsageError
-from vgs_ckpt.models import CheckpointHeader
+from vgs_ckpt.models import CheckpointHeader, HeaderFields
 from vgs_ckpt.storage import Storage, resolve
 from vgs_ckpt.writer import check_path, commit, prepare
 

@@ -11,6 +11,8 @@ class                      meaning                                            bu
 UsageError                 a call with an invalid argument or value, e.g. an  ValueError
                            invalid VGS setting or header field passed to
                            ``save``, a tree whose tensor names collide
+ArgumentError              (a UsageError) an unknown or missing keyword       TypeError
+                           argument, e.g. a header field ``save`` has not
 UnsupportedTypeError       a leaf, key or tensor kind the format cannot hold  TypeError
 MissingDependencyError     an optional integration used without its extra     ImportError
 FormatError                a file that is not a valid checkpoint: not one,    ValueError
@@ -38,6 +40,7 @@ import warnings
 from typing import Any
 
 __all__ = [
+    "ArgumentError",
     "CheckpointIOError",
     "CheckpointNotFoundError",
     "FormatError",
@@ -62,6 +65,11 @@ class UsageError(VgsCkptError, ValueError):
     """A vgs_ckpt function was called with an invalid argument or value (the caller's
     mistake, not the file's): a header field or VGS setting out of range, a tree whose
     tensor names collide or that nests too deep, swapped arguments."""
+
+
+class ArgumentError(UsageError, TypeError):
+    """A call with an unknown or missing keyword argument (as Python's own TypeError
+    for a signature, and a UsageError): e.g. ``save(..., stp=1)``, or no ``step``."""
 
 
 class UnsupportedTypeError(VgsCkptError, TypeError):

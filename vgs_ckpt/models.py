@@ -10,8 +10,9 @@ from __future__ import annotations
 import enum
 import math
 import re
+from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal, TypeAlias
+from typing import Annotated, Any, Literal, Required, TypeAlias, TypedDict
 
 import pydantic
 from pydantic import (
@@ -31,7 +32,7 @@ from pydantic import (
 
 from vgs_ckpt._dtypes import CODES
 from vgs_ckpt._tree import node_schema
-from vgs_ckpt.errors import FormatError, UnsupportedVersionError
+from vgs_ckpt.errors import ArgumentError, FormatError, UnsupportedVersionError
 
 __all__ = [
     "DIGEST_ALGORITHM",
@@ -43,6 +44,7 @@ __all__ = [
     "CheckpointV2",
     "ContainerKind",
     "ExploitSource",
+    "HeaderFields",
     "Lineage",
     "Producer",
     "Provenance",
@@ -306,3 +308,42 @@ def json_schemas() -> dict[str, dict[str, Any]]:
         document["$schema"] = "https://json-schema.org/draft/2020-12/schema"
         document["$id"] = f"https://vgs-ckpt.dev/schema/{stem}.schema.json"
     return documents
+
+
+class HeaderFields(TypedDict, total=False):
+    """The header's fields a writer takes, defined once: the keyword arguments of
+    ``save``, ``save_bytes``, ``save_async``, ``CheckpointStore.save`` and the Ray
+    integration (``**fields: Unpack[HeaderFields]``).
+
+    - ``step``: the training step (>= 0), required.
+    - ``performance``: the member's metric, finite or None.
+    - ``member_id``, ``hyperparams``, ``lineage``: PBT bookkeeping (v2 only, but for
+      ``member_id``).
+    - ``format``: ``v2_full_parameters`` (default) or the legacy ``v1_policy_only``.
+    - ``created_at``: the timestamp to record (default: now, UTC).
+    - ``provenance``: the upgrade history to record (set by ``vgs-ckpt upgrade``).
+    """
+
+    step: Required[int]
+    performance: float | None
+    member_id: str | None
+    hyperparams: Mapping[str, Any] | None
+    lineage: Lineage | Mapping[str, Any] | None
+    format: CheckpointFormat | str
+    created_at: datetime | None
+    provenance: Provenance | Mapping[str, Any] | None
+
+
+FIELDS = HeaderFields.__required_keys__ | HeaderFields.__optional_keys__
+
+
+def check_fields(fields: Mapping[str, Any], function: str) -> HeaderFields:
+    """``fields`` if they are header fields with a ``step``, else an ArgumentError
+    naming the unknown ones (the runtime check behind ``Unpack[HeaderFields]``)."""
+    unknown = sorted(set(fields) - FIELDS)
+    if unknown:
+        raise ArgumentError(f"{function}() got unknown header argument(s) {', '.join(unknown)}; "
+                         f"the header's fields are {', '.join(sorted(FIELDS))}")
+    if "step" not in fields:
+        raise ArgumentError(f"{function}() needs step=<the training step>")
+    return fields  # type: ignore[return-value]  # checked above

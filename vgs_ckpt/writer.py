@@ -15,10 +15,10 @@ from typing import IO, Any, Unpack
 
 from vgs_ckpt import _header
 from vgs_ckpt._container import MAX_HEADER_BYTES, layout, loads_json
-from vgs_ckpt._header import META_HEADER, HeaderFields
+from vgs_ckpt._header import META_HEADER
 from vgs_ckpt._tree import Array
 from vgs_ckpt.errors import FormatError, UsageError, VgsCkptError
-from vgs_ckpt.models import CheckpointHeader, Producer
+from vgs_ckpt.models import CheckpointHeader, HeaderFields, Producer, check_fields
 from vgs_ckpt.storage import Storage, resolve
 
 __all__ = ["HeaderFields", "describe", "save", "save_bytes"]
@@ -88,7 +88,7 @@ def prepare(parameters: Mapping[Any, Any], where: str, fields: Mapping[str, Any]
             function: str) -> tuple[CheckpointHeader, dict[str, Array]]:
     """The validated header (placeholder digests) and the arrays of a tree to write,
     from ``function``'s header arguments. Shared by every writer."""
-    return _header.describe(parameters, _header.check_fields(fields, function), where=where,
+    return _header.describe(parameters, check_fields(fields, function), where=where,
                             vgs_fix="fix the scaler's configuration")
 
 
@@ -168,6 +168,6 @@ def describe(parameters: Mapping[Any, Any], *,
     None: no tensor byte is read, copied or hashed (tensors may be on any device, even
     ``meta``). Invalid fields or VGS settings raise ``invalid`` (with ``fix``)."""
     header, _ = _header.describe(
-        parameters, _header.check_fields(fields, "describe"), producer=producer, where=where,
+        parameters, check_fields(fields, "describe"), producer=producer, where=where,
         for_writing=False, error=invalid, vgs_error=invalid, vgs_fix=fix)
     return header

@@ -34,9 +34,8 @@ from pathlib import Path
 from typing import Any, Unpack
 
 from vgs_ckpt import loading, writer
-from vgs_ckpt._header import HeaderFields
 from vgs_ckpt.errors import FormatError, MissingDependencyError
-from vgs_ckpt.models import CheckpointV2, ExploitSource, Lineage
+from vgs_ckpt.models import CheckpointV2, ExploitSource, HeaderFields, Lineage
 from vgs_ckpt.pbt.transfer import OptimizerStrategy, apply_hyperparams, reset_optimizer_state
 from vgs_ckpt.upgrades import upgrade
 

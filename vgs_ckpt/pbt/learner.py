@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from vgs_ckpt.pbt.transfer import update_param_group
+from vgs_ckpt.hyperparams import apply_to_optimizer, apply_to_scaler, split
 from vgs_ckpt.vgs import VarianceGradientScaler
 from vgs_ckpt.vgs_state import KEY as VGS_KEY
 
@@ -54,9 +54,13 @@ class TorchLearner:
             self.vgs.load_state_dict(parameters[VGS_KEY])
 
     def set_hyperparams(self, hyperparams: Mapping[str, Any]) -> None:
-        """Apply ``lr`` (and any other param-group key) to the optimizer."""
-        for group in self.optimizer.param_groups:
-            update_param_group(group, hyperparams)
+        """Apply ``lr`` (and any other param-group key) to the optimizer, and
+        ``vgs_<knob>`` entries to the VGS (a bad knob value is a UsageError, and then
+        nothing is set)."""
+        parsed = split(hyperparams)
+        if parsed.vgs:
+            apply_to_scaler(self.vgs, parsed.vgs)
+        apply_to_optimizer(self.optimizer, parsed.other)
 
     def train_step(self, loss_fn: Any) -> float:
         """One step: backward, VGS scaling, optimizer step, VGS statistics update."""

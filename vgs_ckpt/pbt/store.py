@@ -18,7 +18,6 @@ from types import TracebackType
 from typing import Any, Literal, Unpack
 
 from vgs_ckpt import loading, reader, writer
-from vgs_ckpt._header import HeaderFields
 from vgs_ckpt.async_save import AsyncSaver, SaveHandle, default_saver
 from vgs_ckpt.checkpoint import Checkpoint
 from vgs_ckpt.errors import (
@@ -27,7 +26,7 @@ from vgs_ckpt.errors import (
     UsageError,
     VgsCkptError,
 )
-from vgs_ckpt.models import CheckpointHeader
+from vgs_ckpt.models import CheckpointHeader, HeaderFields
 from vgs_ckpt.storage import LOCAL, Storage
 
 __all__ = ["CheckpointRef", "CheckpointStore", "check_member_id", "unreadable_checkpoints"]

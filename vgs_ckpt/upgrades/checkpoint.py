@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from vgs_ckpt import vgs_state, writer
+from vgs_ckpt import _header, vgs_state
 from vgs_ckpt.checkpoint import Checkpoint
 from vgs_ckpt.errors import FormatError
 from vgs_ckpt.models import FORMAT_ORDER, CheckpointFormat, CheckpointV2
@@ -69,11 +69,13 @@ def upgrade(checkpoint: Checkpoint,
         "legacy": state.legacy,
     }
     v2 = header if isinstance(header, CheckpointV2) else None
-    new_header = writer.describe(
-        state.parameters, step=header.step, performance=header.performance,
-        member_id=header.member_id, created_at=header.created_at,
-        hyperparams=v2.hyperparams if v2 else None, lineage=v2.lineage if v2 else None,
-        format=state.format, producer=header.producer, provenance=provenance,
-        where=where, invalid=FormatError, fix=_FIX)
+    new_header, _ = _header.describe(
+        state.parameters, {"step": header.step, "performance": header.performance,
+                           "member_id": header.member_id, "created_at": header.created_at,
+                           "hyperparams": v2.hyperparams if v2 else None,
+                           "lineage": v2.lineage if v2 else None, "format": state.format,
+                           "provenance": provenance},
+        producer=header.producer, where=where, for_writing=False, error=FormatError,
+        vgs_error=FormatError, vgs_fix=_FIX)
     return Checkpoint(dict(state.parameters), new_header, checkpoint.container,
                       checkpoint.path), applied

@@ -1,4 +1,6 @@
-"""Explored hyperparameters applied where SB3 reads them on the next ``learn()``."""
+"""Explored hyperparameters applied where SB3 reads them on the next ``learn()``: the
+SB3 extension of :mod:`vgs_ckpt.hyperparams` (which parses them and applies the
+VGS knobs)."""
 
 from __future__ import annotations
 
@@ -10,11 +12,10 @@ from typing import Any
 import torch
 
 from vgs_ckpt.errors import UsageError
+from vgs_ckpt.hyperparams import apply_to_optimizer, apply_to_scaler, check_knobs, split
 from vgs_ckpt.integrations.sb3._base import BaseAlgorithm, check_model, optimizers
 from vgs_ckpt.integrations.sb3.hooks import vgs_scaler
 from vgs_ckpt.vgs import VarianceGradientScaler
-from vgs_ckpt.vgs_state import HYPERPARAM_PREFIX as VGS_HYPERPARAM_PREFIX
-from vgs_ckpt.vgs_state import KNOBS as VGS_KNOBS
 
 __all__ = ["plan_hyperparams", "set_hyperparams"]
 
@@ -51,18 +52,11 @@ def plan_hyperparams(algo: BaseAlgorithm, hyperparams: Mapping[str, Any],
     """Check every hyperparameter and return the steps that apply them."""
     kind = type(algo).__name__
     steps: list[Callable[[], None]] = []
-    knobs: dict[str, Any] = {}
-    for key, value in hyperparams.items():
-        if key.startswith(VGS_HYPERPARAM_PREFIX):
-            knob = key[len(VGS_HYPERPARAM_PREFIX):]
-            if knob not in VGS_KNOBS:
-                raise UsageError(f"hyperparameter {key!r}: VGS has no knob {knob!r} (knobs: "
-                                 f"{', '.join(VGS_KNOBS)})")
-            if scaler is None:
-                raise UsageError(f"hyperparameter {key!r}: this {kind} has no VGS; call "
-                                 "attach_vgs(model) first")
-            knobs[knob] = value
-            continue
+    parsed = split(hyperparams, strict=True)
+    if parsed.vgs and scaler is None:
+        raise UsageError(f"hyperparameter 'vgs_{next(iter(parsed.vgs))}': this {kind} has "
+                         "no VGS; call attach_vgs(model) first")
+    for key, value in parsed.other.items():
         number = _number(key, value, kind)
         if key in ("learning_rate", "lr"):
             steps.append(_lr_step(algo, number))
@@ -84,19 +78,10 @@ def plan_hyperparams(algo: BaseAlgorithm, hyperparams: Mapping[str, Any],
             steps.append(_plain_step(algo, key, _PLAIN[key](number)))
         else:
             raise _lacks(key, kind)
-    if knobs and scaler is not None:
-        config = {**scaler.config(), **knobs}
-        VarianceGradientScaler([], **config)  # raises UsageError for a bad value
-        steps.append(_knobs_step(scaler, knobs))
+    if parsed.vgs and scaler is not None:
+        check_knobs(scaler, parsed.vgs)  # a bad value raises before anything is applied
+        steps.append(lambda: apply_to_scaler(scaler, parsed.vgs))
     return steps
-
-
-def _knobs_step(scaler: VarianceGradientScaler, knobs: Mapping[str, Any]
-                ) -> Callable[[], None]:
-    def step() -> None:
-        for knob, value in knobs.items():
-            setattr(scaler, knob, value)
-    return step
 
 
 def _constant(value: float) -> Callable[[float], float]:
@@ -134,8 +119,7 @@ def _lr_step(algo: BaseAlgorithm, lr: float) -> Callable[[], None]:
         algo.learning_rate = lr
         algo.lr_schedule = _constant(lr)
         for _, optimizer in optimizers(algo):
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            apply_to_optimizer(optimizer, {"lr": lr})
     return step
 
 
