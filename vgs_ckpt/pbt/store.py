@@ -26,7 +26,7 @@ from vgs_ckpt.errors import (
     UsageError,
     VgsCkptError,
 )
-from vgs_ckpt.models import CheckpointHeader, HeaderFields
+from vgs_ckpt.models import CheckpointHeader, HeaderFields, check_fields
 from vgs_ckpt.storage import LOCAL, Storage
 
 __all__ = ["CheckpointRef", "CheckpointStore", "check_member_id", "unreadable_checkpoints"]
@@ -227,7 +227,7 @@ class CheckpointStore:
         if fields.get("member_id", member_id) != member_id:
             raise UsageError(f"save({member_id!r}, ...): member_id={fields['member_id']!r} "
                              "names another member; leave it out")
-        fields = {**fields, "member_id": member_id}
+        fields = check_fields({**fields, "member_id": member_id}, "CheckpointStore.save")
         step, performance = fields.get("step"), fields.get("performance")
         if type(step) is not int or step < 0:
             raise UsageError(f"save({member_id!r}, ...): step must be an int >= 0, got "
