@@ -14,6 +14,7 @@ process per operation (ru_maxrss is a high-water mark per process).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -426,6 +427,49 @@ def report(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+class _ForwardOnly(vgs_ckpt.LocalStorage):
+    """LocalStorage whose writer may not seek: the one-pass path (digests first, then
+    header and data in order), as an object store's write stream needs."""
+
+    capabilities = dataclasses.replace(vgs_ckpt.LocalStorage.capabilities,
+                                       seekable_writes=False)
+
+
+def writer_paths(size: int, repeat: int, directory: Path) -> dict[str, Any]:
+    """The writer's two paths side by side: a seekable local file (hashing overlaps
+    writing, the header is rewritten) and one forward pass (digests first)."""
+    tree = member(size)
+    nbytes = sum(t.numel() * t.element_size() for t in flat(tree).values())
+    target = directory / "w.safetensors"
+    ops: dict[str, Callable[[], Any]] = {
+        "seekable (LocalStorage)": lambda: vgs_ckpt.save(target, tree, step=1,
+                                                         durable=False),
+        "one pass (seekable_writes=False)": lambda: vgs_ckpt.save(
+            target, tree, step=1, durable=False, storage=_ForwardOnly()),
+        "one pass durable": lambda: vgs_ckpt.save(target, tree, step=1,
+                                                  storage=_ForwardOnly()),
+        "seekable durable": lambda: vgs_ckpt.save(target, tree, step=1),
+    }
+    times: dict[str, list[float]] = {op: [] for op in ops}
+    for _ in range(repeat):
+        for op, fn in ops.items():  # interleaved
+            target.unlink(missing_ok=True)
+            times[op].append(timed(fn))
+    return {"params": size, "tensor_bytes": nbytes,
+            "median_s": {op: statistics.median(t) for op, t in times.items()}}
+
+
+def report_writer(result: dict[str, Any]) -> str:
+    m = result["median_s"]
+    lines = [f"### The writer's two paths, {result['params'] / 1e6:.0f}M policy parameters",
+             "", "| path | time / seekable path (same durability) |", "| --- | --- |"]
+    for op in m:
+        ref = m["seekable durable"] if "durable" in op.split()[-1] else m[
+            "seekable (LocalStorage)"]
+        lines.append(f"| {op} | {m[op] / ref:.2f}x |")
+    return "\n".join(lines)
+
+
 def machine() -> str:
     cpu = "unknown"
     try:
@@ -445,7 +489,8 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=["16M", "128M"])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--dir", default=None, help="where to write (default: a temp dir)")
-    parser.add_argument("--only", choices=["codec", "reading", "async"], default=None,
+    parser.add_argument("--only", choices=["codec", "reading", "async", "writer"],
+                        default=None,
                         help="run one section (default: all)")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -460,6 +505,9 @@ def main() -> None:
             if args.only in (None, "reading"):
                 print(report_reading(reading(parse_size(size), args.repeat, Path(tmp))), "\n",
                       flush=True)
+            if args.only in (None, "writer"):
+                print(report_writer(writer_paths(parse_size(size), args.repeat, Path(tmp))),
+                      "\n", flush=True)
             if args.only in (None, "async"):
                 print(report_async(asynchronous(parse_size(size), args.repeat, Path(tmp))),
                       "\n", flush=True)

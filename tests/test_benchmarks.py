@@ -89,3 +89,10 @@ def test_codec_benchmark_async_section_runs(tmp_path: Path) -> None:
             "checkout + load (verify) + set_parameters"} <= set(rows)
     assert float(rows["save vgs_ckpt"][0].strip().rstrip("x")) == 1.0
     assert float(rows["save_async"][2]) > 0.5  # the snapshot holds the tensor bytes
+
+
+def test_codec_benchmark_writer_section_runs(tmp_path: Path) -> None:
+    rows = _codec_rows(tmp_path, "writer")
+    assert set(rows) >= {"seekable (LocalStorage)", "one pass (seekable_writes=False)",
+                         "one pass durable", "seekable durable"}
+    assert rows["seekable (LocalStorage)"][0].strip() == "1.00x"

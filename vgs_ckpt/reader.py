@@ -52,10 +52,11 @@ def open_source(source: Source, *, path: str | None, device: torch.device, verif
     """The reader for ``source``, chosen from its first bytes. The reader owns the
     source (closing it closes the source); on failure the source is closed."""
     try:
-        if sniff_source(source) == "safetensors":
+        container = sniff_source(source)
+        if container == "safetensors":
             return SafetensorsReader(source, path=path, device=device, verify=verify,
                                      readahead=readahead, vgs_error=vgs_error)
-        return LegacyReader(source, path=path, device=device, vgs_error=vgs_error)
+        return LegacyReader(source, container, path=path, device=device, vgs_error=vgs_error)
     except BaseException:
         source.close()
         raise

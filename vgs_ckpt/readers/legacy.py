@@ -15,11 +15,11 @@ from typing import Any
 import torch
 
 from vgs_ckpt import _header
-from vgs_ckpt._container import Source, sniff_source
+from vgs_ckpt._container import Source
 from vgs_ckpt._dtypes import BY_TORCH
 from vgs_ckpt.errors import FormatError, UsageError, VgsCkptError
 from vgs_ckpt.legacy import read_legacy
-from vgs_ckpt.models import Producer
+from vgs_ckpt.models import ContainerKind, Producer
 from vgs_ckpt.readers.base import CheckpointReader, TensorSpec, TreePath, as_path, no_such
 
 __all__ = ["LEGACY_PRODUCER", "LegacyReader"]
@@ -31,12 +31,12 @@ class LegacyReader(CheckpointReader):
     """A legacy ``torch.save`` file, read when opened and served from memory (it has
     no lazy access and no tensor names); made by :func:`vgs_ckpt.open`."""
 
-    def __init__(self, source: Source, *, path: str | None, device: torch.device,
-                 vgs_error: type[VgsCkptError] | None = None) -> None:
+    def __init__(self, source: Source, container: ContainerKind, *, path: str | None,
+                 device: torch.device, vgs_error: type[VgsCkptError] | None = None) -> None:
         super().__init__(source.where, path)
-        self.container = sniff_source(source)
-        if self.container == "safetensors":
+        if container == "safetensors":
             raise AssertionError("LegacyReader opened on a safetensors file")
+        self.container = container
         modified = source.modified() if path is not None else None
         try:
             found = read_legacy(source, container=self.container, map_location=device)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from vgs_ckpt import _header
-from vgs_ckpt._container import Container, Entry, Source, read_container, sniff_source
+from vgs_ckpt._container import Container, Entry, Source, read_container
 from vgs_ckpt._tree import Decoder, dict_items, references, subnode
 from vgs_ckpt.errors import FormatError, IntegrityError, UsageError, VgsCkptError
 from vgs_ckpt.models import CheckpointHeader
@@ -40,9 +40,7 @@ class SafetensorsReader(CheckpointReader):
                  verify: bool, readahead: bool, vgs_error: type[VgsCkptError] | None = None,
                  ) -> None:
         super().__init__(source.where, path)
-        self.container = sniff_source(source)
-        if self.container != "safetensors":
-            raise AssertionError("SafetensorsReader opened on a legacy file")
+        self.container = "safetensors"  # open() sniffed it
         self.legacy_layout = None
         self._source, self._readahead = source, readahead
         self._device, self._verify = device, verify
