@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import IO, Any, Protocol
 
-from vgs_ckpt._dtypes import BY_CODE, DType
+from vgs_ckpt._dtypes import BY_CODE, MAX_DIMS, DType
 from vgs_ckpt.errors import (
     FormatError,
 )
@@ -34,7 +34,6 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit the safetensors library enforc
 # enough that no parser or walker runs out of stack.
 MAX_JSON_DEPTH = 512
 _LEN = struct.Struct("<Q")
-MAX_DIMS = 64  # numpy's and torch's limit; writers refuse more (spec section 2)
 MAX_DIM_SIZE = 2**63 - 1
 ALIGNMENT = 8
 

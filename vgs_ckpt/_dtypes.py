@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+MAX_DIMS = 64  # numpy's and torch's limit on a shape; writers refuse more (spec section 2)
+
 
 @dataclass(frozen=True)
 class DType:

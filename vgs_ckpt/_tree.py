@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vgs_ckpt._dtypes import BY_TORCH, DType, numpy_entry
+from vgs_ckpt._dtypes import BY_TORCH, MAX_DIMS, DType, numpy_entry
 from vgs_ckpt.errors import FormatError, UnsupportedTypeError, UsageError
 
 # Each tagged node: its tag, and every member it may carry with what that member holds
@@ -52,7 +52,6 @@ _FLOAT_SPECIALS = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 # JSON integers in a tree are at most this many decimal digits (CPython's default
 # limit for parsing them; spec section 5): writers refuse bigger ones.
 MAX_INT_DIGITS = 4300
-MAX_DIMS = 64
 _TOO_BIG = 10 ** MAX_INT_DIGITS
 _SURE_SMALL_BITS = 14_000  # fewer bits than this is fewer than 4300 digits
 
@@ -349,7 +348,8 @@ class Decoder:
         return self._array(name, "numpy")[()]
 
 
-_FLAGS = ("ordered", "requires_grad", "parameter")
+_FLAGS = tuple(m for members in GRAMMAR.values() for m, kind in members.items()
+               if kind == "flag")
 
 
 def _check_members(node: dict[str, Any], path: tuple[str | int, ...]) -> None:

@@ -342,8 +342,9 @@ def check_fields(fields: Mapping[str, Any], function: str) -> HeaderFields:
     naming the unknown ones (the runtime check behind ``Unpack[HeaderFields]``)."""
     unknown = sorted(set(fields) - FIELDS)
     if unknown:
-        raise ArgumentError(f"{function}() got unknown header argument(s) {', '.join(unknown)}; "
-                         f"the header's fields are {', '.join(sorted(FIELDS))}")
+        raise ArgumentError(f"{function}() got unknown header argument(s) "
+                            f"{', '.join(unknown)}; the header's fields are "
+                            f"{', '.join(sorted(FIELDS))}")
     if "step" not in fields:
         raise ArgumentError(f"{function}() needs step=<the training step>")
     return fields  # type: ignore[return-value]  # checked above

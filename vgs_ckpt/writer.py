@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterator, Mapping
 from typing import IO, Any, Unpack
 
 from vgs_ckpt import _header
@@ -50,15 +49,14 @@ def write(stream: IO[bytes], header: CheckpointHeader, arrays: Mapping[str, Arra
             stream.write(raw(name))
         return header
     stream.write(head)
-    digests: dict[str, str | Future[str]] = {}
-    with ThreadPoolExecutor(1, thread_name_prefix="vgs_ckpt-hash") as pool:
-        for name in order:
+
+    def written() -> Iterator[tuple[str, memoryview]]:
+        for name in order:  # each view is hashed while the next ones are written
             view = raw(name)
-            digests[name] = (pool.submit(_header.digest, view)
-                             if len(view) > _header.INLINE_HASH else _header.digest(view))
             stream.write(view)
-        final = {n: d if isinstance(d, str) else d.result() for n, d in digests.items()}
-    header = _header.with_digests(header, final)
+            yield name, view
+
+    header = _header.with_digests(header, _header.digests(written()))
     real_head, _ = layout(sizes, _header.metadata(header))
     if len(real_head) != len(head):  # digests have a fixed length, so this cannot happen
         raise AssertionError("header length changed when digests were filled in")

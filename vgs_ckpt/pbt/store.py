@@ -317,15 +317,14 @@ class CheckpointStore:
     def _paths(self, member_id: str) -> list[Path]:
         """The member's files in write order: by write number; files without one (from
         vgs_ckpt < 0.6) first, by modification time, then step."""
-        directory = self.member_dir(member_id)
         found = []
-        for entry in self.storage.entries(self._key(member_id)):
+        for entry in self.storage.entries(os.fspath(self.member_dir(member_id))):
             match = _FILE.fullmatch(entry.name)
             if match is None or entry.directory:
                 continue
             mtime = 0 if match[2] else entry.modified_ns
             found.append((int(match[2] or 0), mtime, int(match[1]), entry.name,
-                          directory / entry.name))
+                          Path(entry.key)))
         return [item[-1] for item in sorted(found)]
 
     def latest(self, member_id: str) -> CheckpointRef | None:

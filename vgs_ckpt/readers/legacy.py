@@ -37,7 +37,7 @@ class LegacyReader(CheckpointReader):
         if container == "safetensors":
             raise AssertionError("LegacyReader opened on a safetensors file")
         self.container = container
-        modified = source.modified() if path is not None else None
+        modified = source.modified()
         try:
             found = read_legacy(source, container=self.container, map_location=device)
         finally:

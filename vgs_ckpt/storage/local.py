@@ -207,7 +207,9 @@ class LocalStorage:
         os.replace(tmp, target)
 
     def _pin_new(self, source: str, target: str) -> None:
-        """``pin`` that never replaces an existing ``target`` (FileExistsError)."""
+        """``pin`` that never replaces an existing ``target`` (FileExistsError). Where
+        links are not possible the copy is written under ``target`` itself, created
+        exclusively (a failed copy is removed, so nothing partial stays)."""
         try:
             os.link(source, target)
             return
@@ -219,8 +221,13 @@ class LocalStorage:
             if exc.errno not in _NO_LINKS:
                 raise CheckpointIOError(exc.errno, f"cannot pin {source} as {target}: "
                                         f"{exc.strerror}", target) from None
-        with open(source, "rb") as src, open(target, "xb") as dst:
-            shutil.copyfileobj(src, dst)
+        with self.open(source) as src, open(target, "xb") as dst:  # never clobbers
+            try:
+                shutil.copyfileobj(src.stream(), dst)
+            except BaseException:
+                dst.close()
+                os.unlink(target)  # no partial copy under the new name
+                raise
 
     def move(self, source: str, target: str) -> None:
         try:
