@@ -241,3 +241,39 @@ def test_hyperparameters_are_parsed_once() -> None:
     with pytest.raises(UsageError):
         apply_to_scaler(scaler, {"alpha": 0.5, "warmup_steps": -1})
     assert scaler.alpha != 0.5
+
+
+def test_a_pin_into_a_missing_directory_says_so(tmp_path: Path) -> None:
+    (tmp_path / "src").write_bytes(b"x")
+    for overwrite in (True, False):
+        with pytest.raises(vgs_ckpt.CheckpointIOError, match="does not exist; create it") as got:
+            LOCAL.pin(os.fspath(tmp_path / "src"), os.fspath(tmp_path / "no" / "pin"),
+                      overwrite=overwrite)
+        assert not isinstance(got.value, CheckpointNotFoundError)
+
+
+def test_local_storage_failures_are_checkpoint_io_errors(tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
+    with pytest.raises(vgs_ckpt.CheckpointIOError, match="cannot remove"):
+        LOCAL.delete(os.fspath(tmp_path / "d"))  # a directory is not an object
+    LOCAL.delete(os.fspath(tmp_path / "missing"))  # a missing key is not an error
+    with pytest.raises(vgs_ckpt.CheckpointIOError, match="cannot move"):
+        LOCAL.move(os.fspath(tmp_path / "missing"), os.fspath(tmp_path / "elsewhere"))
+    (tmp_path / "file").write_bytes(b"x")
+    with pytest.raises(vgs_ckpt.CheckpointIOError, match="cannot create the directory"):
+        LOCAL.makedirs(os.fspath(tmp_path / "file" / "sub"))
+    assert LOCAL.entries(os.fspath(tmp_path / "file")) == []  # not a directory: empty
+    assert LOCAL.entries(os.fspath(tmp_path / "nothing")) == []
+
+
+def test_paths_and_storages_that_are_not_are_usage_errors(tmp_path: Path) -> None:
+    class BytesPath:
+        def __fspath__(self) -> bytes:
+            return b"m.safetensors"
+
+    with pytest.raises(UsageError, match="a bytes path"):
+        vgs_ckpt.load(BytesPath())  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match="must implement vgs_ckpt.storage.Storage"):
+        vgs_ckpt.save(tmp_path / "m.safetensors", tree(), step=1,
+                      storage="s3://bucket")  # type: ignore[arg-type]
+    assert not (tmp_path / "m.safetensors").exists()

@@ -195,8 +195,7 @@ class LocalStorage:
         try:
             os.link(source, tmp)
         except FileNotFoundError:
-            raise CheckpointNotFoundError(f"{source} vanished before it could be "
-                                          "pinned") from None
+            raise _missing(source, target) from None
         except OSError as exc:
             if exc.errno not in _NO_LINKS:
                 raise CheckpointIOError(exc.errno, f"cannot pin {source} as {target}: "
@@ -216,7 +215,7 @@ class LocalStorage:
         except FileExistsError:
             raise
         except FileNotFoundError:
-            raise CheckpointNotFoundError(f"{source} does not exist") from None
+            raise _missing(source, target) from None
         except OSError as exc:
             if exc.errno not in _NO_LINKS:
                 raise CheckpointIOError(exc.errno, f"cannot pin {source} as {target}: "
@@ -269,6 +268,16 @@ class LocalStorage:
 
 
 LOCAL = LocalStorage()
+
+
+def _missing(source: str, target: str) -> CheckpointIOError:
+    """Why a link failed with ENOENT: the source is gone, or the target's directory."""
+    if not os.path.lexists(source):
+        return CheckpointNotFoundError(f"{source} does not exist (removed before it could be "
+                                       f"pinned as {target})")
+    directory = os.path.dirname(target) or "."
+    return CheckpointIOError(f"cannot pin {source} as {target}: the directory {directory} does "
+                             "not exist; create it first (storage.makedirs)")
 
 
 def _info(path: str) -> ObjectInfo | None:
