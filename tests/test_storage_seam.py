@@ -64,11 +64,12 @@ class CountingStorage(LocalStorage):
         self.calls: list[str] = []
 
     def commit(self, key: str, write: Callable[[IO[bytes]], None], *,
-               durable: bool = True) -> None:
+               durable: bool = True, exclusive: bool = False) -> None:
         self.calls.append(f"commit {Path(key).name}")
         stream = ForwardOnly()
         write(stream)  # type: ignore[arg-type]
-        super().commit(key, lambda f: f.write(stream.data), durable=durable)
+        super().commit(key, lambda f: f.write(stream.data), durable=durable,
+                       exclusive=exclusive)
 
     def open(self, key: str, *, mmap: bool = False) -> Any:
         self.calls.append(f"open {Path(key).name}")

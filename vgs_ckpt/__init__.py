@@ -16,6 +16,7 @@ from vgs_ckpt.checkpoint import Checkpoint
 from vgs_ckpt.errors import (
     ArgumentError,
     CheckpointIOError,
+    CheckpointExistsError,
     CheckpointNotFoundError,
     FormatError,
     IntegrityError,
@@ -60,6 +61,7 @@ __all__ = [
     "CheckpointFormat",
     "CheckpointHeader",
     "CheckpointIOError",
+    "CheckpointExistsError",
     "CheckpointNotFoundError",
     "CheckpointReader",
     "CheckpointV1",

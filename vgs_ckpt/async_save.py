@@ -46,15 +46,16 @@ import numpy as np
 import torch
 
 from vgs_ckpt._tree import Array
-from vgs_ckpt.errors import UsageError
+from vgs_ckpt.errors import CheckpointExistsError, UsageError
 from vgs_ckpt.models import CheckpointHeader, HeaderFields
-from vgs_ckpt.storage import Storage, resolve
+from vgs_ckpt.storage import Storage, StorageOptions, resolve
 from vgs_ckpt.writer import check_path, commit, prepare
 
 __all__ = ["AsyncSaver", "SaveHandle", "save_async"]
 
 logger = logging.getLogger("vgs_ckpt")
 _ALIGN = 64  # each array starts at a multiple of this in its snapshot buffer
+_CREATE_RETRIES = 20  # keys tried by a save whose key must be new
 
 
 class SaveHandle:
@@ -162,10 +163,23 @@ class _Job:
     data: dict[str, memoryview]
     buffer: _Buffer
     durable: bool
+    # For keys that must be new (the store's): the next key to try when another
+    # writer took this one; the handle's path follows.
+    retarget: Callable[[str], str] | None = None
+    handle: SaveHandle | None = None
 
     def run(self) -> CheckpointHeader:
-        return commit(self.storage, self.target, self.header, self.arrays, self.data,
-                      durable=self.durable)
+        for attempt in range(_CREATE_RETRIES):
+            try:
+                return commit(self.storage, self.target, self.header, self.arrays, self.data,
+                              durable=self.durable, exclusive=self.retarget is not None)
+            except CheckpointExistsError:
+                if self.retarget is None or attempt == _CREATE_RETRIES - 1:
+                    raise
+                self.target = self.retarget(self.target)
+                if self.handle is not None:
+                    self.handle.path = self.target
+        raise AssertionError("unreachable")
 
 
 class AsyncSaver:
@@ -195,12 +209,21 @@ class AsyncSaver:
         self._closed = False
 
     def save(self, path: str | os.PathLike[str], parameters: Mapping[Any, Any], *,
-             storage: Storage | None = None, durable: bool = True,
-             **fields: Unpack[HeaderFields]) -> SaveHandle:
+             storage: Storage | None = None, storage_options: StorageOptions | None = None,
+             durable: bool = True, **fields: Unpack[HeaderFields]) -> SaveHandle:
         """:func:`save_async` on this saver."""
         backend, target = resolve(check_path(path, parameters, "save_async"), storage,
-                                  function="save_async")
+                                  storage_options=storage_options, function="save_async")
         header, arrays = prepare(parameters, target, fields, "save_async")
+        return self.submit(backend, target, header, arrays, durable=durable)
+
+    def submit(self, backend: Storage, target: str, header: CheckpointHeader,
+               arrays: Mapping[str, Array], *, durable: bool = True,
+               retarget: Callable[[str], str] | None = None) -> SaveHandle:
+        """Snapshot a prepared checkpoint and queue its write (what :meth:`save` does
+        after validating). With ``retarget``, the key must be new: when another writer
+        created it first, the write goes to ``retarget(key)`` instead (up to
+        :data:`_CREATE_RETRIES` keys)."""
         started = time.perf_counter()
         self._slots.acquire()  # back-pressure: wait for a free snapshot buffer
         try:
@@ -221,8 +244,8 @@ class AsyncSaver:
         future: Future[CheckpointHeader] = Future()
         # The job keeps the snapshot, not the caller's tensors (they may be freed now).
         described = {name: Array(a.dtype, a.shape, None) for name, a in arrays.items()}
-        job = _Job(backend, target, header, described, data, buffer, durable)
         handle = SaveHandle(target, future, time.perf_counter() - started)
+        job = _Job(backend, target, header, described, data, buffer, durable, retarget, handle)
         with self._lock:
             self._queue.append((future, job))
             self._pending.append(handle)
@@ -354,8 +377,8 @@ def _finish_at_exit(saver: AsyncSaver) -> None:
 
 
 def save_async(path: str | os.PathLike[str], parameters: Mapping[Any, Any], *,
-               storage: Storage | None = None, durable: bool = True,
-               **fields: Unpack[HeaderFields]) -> SaveHandle:
+               storage: Storage | None = None, storage_options: StorageOptions | None = None,
+               durable: bool = True, **fields: Unpack[HeaderFields]) -> SaveHandle:
     """Save like :func:`vgs_ckpt.save`, blocking only while the tensors are copied.
 
     Arguments as for :func:`vgs_ckpt.save`. Invalid arguments raise here (as
@@ -371,4 +394,5 @@ def save_async(path: str | os.PathLike[str], parameters: Mapping[Any, Any], *,
         >>> train_more(model)          # the snapshot is already taken
         >>> handle.result()            # committed (or the write's error)
     """
-    return default_saver().save(path, parameters, storage=storage, durable=durable, **fields)
+    return default_saver().save(path, parameters, storage=storage,
+                                storage_options=storage_options, durable=durable, **fields)

@@ -24,6 +24,8 @@ UnsupportedVersionError    a format or VGS version newer than this library    Va
 UnsafeCheckpointError      a legacy pickle asks for code to run (nothing ran) ValueError
 CheckpointIOError          the operating system failed a read or a write      OSError
 CheckpointNotFoundError    (a CheckpointIOError) no such checkpoint           FileNotFoundError
+CheckpointExistsError      (a CheckpointIOError) an exclusive write found     FileExistsError
+                           its key taken; nothing was written
 =========================  =================================================  =============
 
 ``SchemaError`` and ``TreeError`` (before 0.4) are merged: a schema or tree
@@ -42,6 +44,7 @@ from typing import Any
 __all__ = [
     "ArgumentError",
     "CheckpointIOError",
+    "CheckpointExistsError",
     "CheckpointNotFoundError",
     "FormatError",
     "IntegrityError",
@@ -107,6 +110,11 @@ class CheckpointIOError(VgsCkptError, OSError):
 
 class CheckpointNotFoundError(CheckpointIOError, FileNotFoundError):
     """The checkpoint path does not exist."""
+
+
+class CheckpointExistsError(CheckpointIOError, FileExistsError):
+    """An exclusive write found its key taken (another writer created it first);
+    nothing was written."""
 
 
 class LegacyFormatWarning(UserWarning):

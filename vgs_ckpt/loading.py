@@ -14,7 +14,7 @@ from vgs_ckpt.checkpoint import Checkpoint
 from vgs_ckpt.errors import FormatError, LegacyFormatWarning, UsageError, warn
 from vgs_ckpt.models import CheckpointV2
 from vgs_ckpt.reader import CheckpointReader, device_of, open_source
-from vgs_ckpt.storage import Storage, resolve
+from vgs_ckpt.storage import Storage, StorageOptions, resolve
 from vgs_ckpt.upgrades import upgrade as upgrade_checkpoint
 
 __all__ = ["load", "load_bytes"]
@@ -22,7 +22,8 @@ __all__ = ["load", "load_bytes"]
 
 def load(path: str | os.PathLike[str], *, map_location: str | torch.device | None = "cpu",
          verify: bool = True, upgrade: bool = True, mmap: bool = False,
-         storage: Storage | None = None) -> Checkpoint:
+         storage: Storage | None = None, storage_options: StorageOptions | None = None
+         ) -> Checkpoint:
     """Load a checkpoint file: a vgs_ckpt file or a legacy ``torch.save`` one.
 
     The format is recognised from the bytes. Legacy torch files are read with
@@ -44,7 +45,10 @@ def load(path: str | os.PathLike[str], *, map_location: str | torch.device | Non
             tensors already verified, and truncating it kills the process with
             SIGBUS. vgs_ckpt's own writers replace files atomically, which is safe.
             Legacy torch files are always read into memory.
-        storage: where the file lives (default: the local file system).
+        storage: where the file lives (default: the local file system, or for a URL
+            such as ``s3://bucket/key`` its object store).
+        storage_options: options of a URL's filesystem (fsspec's: credentials,
+            ``endpoint_url``, ...).
 
     Returns:
         A :class:`Checkpoint` with ``parameters``, ``header`` and ``format``.
@@ -62,7 +66,7 @@ def load(path: str | os.PathLike[str], *, map_location: str | torch.device | Non
         >>> ckpt.header.step, ckpt.format
     """
     device = device_of(map_location)
-    backend, key = resolve(path, storage, function="load")
+    backend, key = resolve(path, storage, storage_options=storage_options, function="load")
     with open_source(backend.open(key, mmap=mmap), path=key, device=device, verify=verify,
                      readahead=True, vgs_error=FormatError if upgrade else None) as reader:
         return _finish(reader, upgrade)

@@ -24,7 +24,7 @@ from vgs_ckpt.errors import FormatError, UsageError, VgsCkptError
 from vgs_ckpt.models import CheckpointFormat, CheckpointHeader, ContainerKind
 from vgs_ckpt.readers import CheckpointReader, LegacyReader, SafetensorsReader, TensorSpec
 from vgs_ckpt.readers.safetensors import read_header as _read_header
-from vgs_ckpt.storage import Storage, resolve
+from vgs_ckpt.storage import Storage, StorageOptions, resolve
 
 __all__ = ["CheckpointReader", "Detection", "TensorSpec", "container_of", "detect_format",
            "open", "open_source", "read_header"]
@@ -63,8 +63,8 @@ def open_source(source: Source, *, path: str | None, device: torch.device, verif
 
 
 def open(path: str | os.PathLike[str], *, map_location: str | torch.device | None = "cpu",
-         verify: bool = True, mmap: bool = False, storage: Storage | None = None
-         ) -> CheckpointReader:
+         verify: bool = True, mmap: bool = False, storage: Storage | None = None,
+         storage_options: StorageOptions | None = None) -> CheckpointReader:
     """Open a checkpoint for lazy reading, like ``safetensors.safe_open``.
 
     Opening reads the header only. ``reader.structure()`` shows the tree with tensor
@@ -75,7 +75,9 @@ def open(path: str | os.PathLike[str], *, map_location: str | torch.device | Non
 
     Each tensor is read into memory the process owns (with ``mmap=True``: mapped
     from the file instead; see :func:`vgs_ckpt.load`). ``storage`` is where the file
-    lives (default: the local file system).
+    lives (default: the local file system; a URL such as ``s3://bucket/key`` opens its
+    object store with ``storage_options``, and is read with ranged requests: the
+    header with one, each subtree asked for with one more).
 
     Example:
         >>> with vgs_ckpt.open("member_3.safetensors") as reader:
@@ -86,25 +88,26 @@ def open(path: str | os.PathLike[str], *, map_location: str | torch.device | Non
         UnsafeCheckpointError: as for :func:`vgs_ckpt.load`.
     """
     device = device_of(map_location)
-    backend, key = resolve(path, storage, function="open")
+    backend, key = resolve(path, storage, storage_options=storage_options, function="open")
     return open_source(backend.open(key, mmap=mmap), path=key, device=device, verify=verify,
                        readahead=False)
 
 
-def container_of(path: str | os.PathLike[str], *, storage: Storage | None = None
-                 ) -> ContainerKind:
+def container_of(path: str | os.PathLike[str], *, storage: Storage | None = None,
+                 storage_options: StorageOptions | None = None) -> ContainerKind:
     """The container of a checkpoint file, from its first bytes only.
 
     Raises:
         FormatError: the file is not a checkpoint of any container.
     """
-    backend, key = resolve(path, storage, function="container_of")
+    backend, key = resolve(path, storage, storage_options=storage_options,
+                           function="container_of")
     with backend.open(key) as source:
         return sniff_source(source)
 
 
-def read_header(path: str | os.PathLike[str], *, storage: Storage | None = None
-                ) -> CheckpointHeader:
+def read_header(path: str | os.PathLike[str], *, storage: Storage | None = None,
+                storage_options: StorageOptions | None = None) -> CheckpointHeader:
     """The validated header of a vgs_ckpt file, reading no tensor bytes.
 
     Raises:
@@ -112,7 +115,8 @@ def read_header(path: str | os.PathLike[str], *, storage: Storage | None = None
             such: use :func:`vgs_ckpt.load` or :func:`open` for those) or is corrupt.
         UnsupportedVersionError: the file has a newer format than this library knows.
     """
-    backend, key = resolve(path, storage, function="read_header")
+    backend, key = resolve(path, storage, storage_options=storage_options,
+                           function="read_header")
     with backend.open(key) as source:
         kind = sniff_source(source)
         if kind != "safetensors":
@@ -124,7 +128,8 @@ def read_header(path: str | os.PathLike[str], *, storage: Storage | None = None
 
 
 def detect_format(path_or_bytes: str | os.PathLike[str] | bytes | bytearray | memoryview, *,
-                  storage: Storage | None = None) -> Detection:
+                  storage: Storage | None = None,
+                  storage_options: StorageOptions | None = None) -> Detection:
     """The format and container of a checkpoint, read from its bytes.
 
     For safetensors files only the header is read. For legacy torch files the
@@ -145,6 +150,7 @@ def detect_format(path_or_bytes: str | os.PathLike[str] | bytes | bytearray | me
         reader = open_source(BytesSource(path_or_bytes), path=None, device=torch.device("cpu"),
                              verify=False, readahead=False)
     else:
-        reader = open(path_or_bytes, verify=False, storage=storage)
+        reader = open(path_or_bytes, verify=False, storage=storage,
+                      storage_options=storage_options)
     with reader:
         return Detection(reader.format, reader.container)

@@ -18,7 +18,7 @@ from vgs_ckpt._header import META_HEADER
 from vgs_ckpt._tree import Array
 from vgs_ckpt.errors import FormatError, UsageError, VgsCkptError
 from vgs_ckpt.models import CheckpointHeader, HeaderFields, Producer, check_fields
-from vgs_ckpt.storage import Storage, resolve
+from vgs_ckpt.storage import Storage, StorageOptions, resolve
 
 __all__ = ["HeaderFields", "describe", "save", "save_bytes"]
 
@@ -91,14 +91,15 @@ def prepare(parameters: Mapping[Any, Any], where: str, fields: Mapping[str, Any]
 
 
 def commit(storage: Storage, key: str, header: CheckpointHeader, arrays: Mapping[str, Array],
-           data: Mapping[str, memoryview] | None = None, *, durable: bool = True
-           ) -> CheckpointHeader:
-    """Write a checkpoint to ``key`` of ``storage`` atomically; the header written."""
+           data: Mapping[str, memoryview] | None = None, *, durable: bool = True,
+           exclusive: bool = False) -> CheckpointHeader:
+    """Write a checkpoint to ``key`` of ``storage`` atomically; the header written.
+    With ``exclusive``, only if ``key`` does not exist (else CheckpointExistsError)."""
     seekable = storage.capabilities.seekable_writes
     written: list[CheckpointHeader] = []
     storage.commit(key, lambda f: written.append(write(f, header, arrays, data,
                                                        seekable=seekable)),
-                   durable=durable)
+                   durable=durable, exclusive=exclusive)
     return written[0]
 
 
@@ -116,8 +117,8 @@ def check_path(path: Any, parameters: Any, function: str = "save") -> str:
 
 
 def save(path: str | os.PathLike[str], parameters: Mapping[Any, Any], *,
-         storage: Storage | None = None, durable: bool = True,
-         **fields: Unpack[HeaderFields]) -> CheckpointHeader:
+         storage: Storage | None = None, storage_options: StorageOptions | None = None,
+         durable: bool = True, **fields: Unpack[HeaderFields]) -> CheckpointHeader:
     """Save a parameter tree atomically as a safetensors checkpoint.
 
     Args:
@@ -125,7 +126,11 @@ def save(path: str | os.PathLike[str], parameters: Mapping[Any, Any], *,
             directories are created.
         parameters: a dict tree (e.g. ``model.get_parameters()``) whose leaves are
             None, bool, int, float, str, torch tensors, numpy arrays or scalars.
-        storage: where to write (default: the local file system).
+        storage: where to write (default: the local file system; a URL such as
+            ``s3://bucket/key`` writes to its object store: one PUT, or a multipart
+            upload completed last, so no reader sees a part of it).
+        storage_options: options of a URL's filesystem (fsspec's: credentials,
+            ``endpoint_url``, ...).
         durable: fsync the file and its directory (default True).
         **fields: the header's fields (:class:`~vgs_ckpt.HeaderFields`): ``step``
             (required, >= 0), ``performance`` (finite or None), ``member_id``,
@@ -145,7 +150,8 @@ def save(path: str | os.PathLike[str], parameters: Mapping[Any, Any], *,
     Example:
         >>> vgs_ckpt.save(tmp / "m.safetensors", {"policy": {"w": torch.ones(2)}}, step=1)
     """
-    backend, key = resolve(check_path(path, parameters), storage, function="save")
+    backend, key = resolve(check_path(path, parameters), storage,
+                           storage_options=storage_options, function="save")
     header, arrays = prepare(parameters, key, fields, "save")
     return commit(backend, key, header, arrays, durable=durable)
 

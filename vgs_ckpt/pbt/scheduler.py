@@ -113,6 +113,9 @@ class PBTConfig:
     # Save in the background (vgs_ckpt.save_async): update_performance returns once the
     # tensors are snapshotted; an exploit of a donor waits for the donor's pending save.
     async_save: bool = False
+    # For a checkpoint_dir that is a URL (s3://bucket/run): the options of its
+    # filesystem (fsspec's: credentials, client_kwargs={"endpoint_url": ...}, ...).
+    storage_options: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         checks = [
@@ -164,12 +167,13 @@ class PBTScheduler:
     def __init__(self, config: PBTConfig) -> None:
         self.config = config
         self.rng = random.Random(config.seed)
-        root = Path(config.checkpoint_dir)
-        self.store = CheckpointStore(root, keep_last=config.keep_last,
+        self.store = CheckpointStore(config.checkpoint_dir, keep_last=config.keep_last,
                                      keep_best=config.keep_best, mode=config.metric_mode,
-                                     async_save=config.async_save)
+                                     async_save=config.async_save,
+                                     storage_options=config.storage_options)
+        root = self.store.root
         existing = self.store.member_ids()
-        self.moved_to: Path | None = None
+        self.moved_to: Path | str | None = None
         if existing and config.resume == "refuse":
             raise UsageError(
                 f"{root} already holds checkpoints of {len(existing)} member(s) "

@@ -21,13 +21,14 @@ from vgs_ckpt import loading, reader, writer
 from vgs_ckpt.async_save import AsyncSaver, SaveHandle, default_saver
 from vgs_ckpt.checkpoint import Checkpoint
 from vgs_ckpt.errors import (
+    CheckpointExistsError,
     CheckpointIOError,
     CheckpointNotFoundError,
     UsageError,
     VgsCkptError,
 )
 from vgs_ckpt.models import CheckpointHeader, HeaderFields, check_fields
-from vgs_ckpt.storage import LOCAL, Storage
+from vgs_ckpt.storage import LocalStorage, Storage, StorageOptions, resolve
 
 __all__ = ["CheckpointRef", "CheckpointStore", "check_member_id", "unreadable_checkpoints"]
 
@@ -38,6 +39,7 @@ _FILE = re.compile(r"step_(\d{12})(?:_w(\d{12}))?\.safetensors")
 _EXPLOITS = "_exploits"
 PREVIOUS_RUNS = "_previous_runs"  # earlier runs moved aside by archive_run()
 _CHECKOUT_RETRIES = 20
+_CREATE_RETRIES = 20  # write numbers a save tries when other writers take them first
 
 
 def check_member_id(member_id: str) -> str:
@@ -58,7 +60,7 @@ class CheckpointRef:
 
     member_id: str
     step: int
-    path: Path
+    path: Path | str  # a Path in a local store, the key (URL) in an object store
     performance: float | None
     # For a save still running in the background (``async_save=True``): its handle.
     pending: SaveHandle | None = field(default=None, compare=False, repr=False)
@@ -104,9 +106,15 @@ class CheckpointStore:
     and the save's handle (``ref.pending``) raise its error. Other processes see a
     file only once it is complete, as with synchronous saves.
 
-    ``storage`` is where the files live (default: the local file system). A store is
-    a context manager: leaving the ``with`` block is :meth:`close` (wait for pending
-    saves, raise the first failure).
+    ``root`` may be a URL (``s3://bucket/run``, opened with ``storage_options``) or
+    ``storage`` a backend (default: the local file system). The store needs no
+    rename, link or lock from it: each checkpoint is created once under a key that
+    is new (``If-None-Match: *`` on S3, a hard link locally), so two writers of one
+    member, on one host or on several sharing the store, never replace each other's
+    files (the one that loses the race takes the next write number). Refs, paths and
+    :attr:`root` are ``Path`` objects in a local store and ``str`` keys (URLs)
+    otherwise. A store is a context manager: leaving the ``with`` block is
+    :meth:`close` (wait for pending saves, raise the first failure).
 
     Example:
         >>> store = CheckpointStore("ckpts", keep_last=2, keep_best=1)
@@ -116,14 +124,17 @@ class CheckpointStore:
     def __init__(self, root: str | os.PathLike[str], *, keep_last: int = 2, keep_best: int = 1,
                  mode: Literal["max", "min"] = "max", durable: bool = True,
                  async_save: bool = False, saver: AsyncSaver | None = None,
-                 storage: Storage | None = None) -> None:
+                 storage: Storage | None = None,
+                 storage_options: StorageOptions | None = None) -> None:
         if keep_last < 1 or keep_best < 0:
             raise UsageError(f"keep_last must be >= 1 and keep_best >= 0, got {keep_last} "
                              f"and {keep_best}")
         if mode not in ("max", "min"):
             raise UsageError(f"mode must be 'max' or 'min', got {mode!r}")
-        self.root = Path(root)
-        self.storage: Storage = storage if storage is not None else LOCAL
+        self.storage, self._root = resolve(root, storage, storage_options=storage_options,
+                                           function="CheckpointStore")
+        self._local = isinstance(self.storage, LocalStorage)
+        self.root: Path | str = self._path(self._root)
         self.keep_last, self.keep_best, self.mode = keep_last, keep_best, mode
         self.durable = durable
         self.async_save = async_save
@@ -132,7 +143,7 @@ class CheckpointStore:
         self._sequence: dict[str, int] = {}  # the last write number given, per member
         self._forget_pending()
         _STORES.add(self)
-        self._warned: set[tuple[Path, str]] = set()
+        self._warned: set[tuple[str, str]] = set()
         try:
             self.storage.makedirs(self._key())
         except CheckpointIOError as exc:
@@ -143,21 +154,26 @@ class CheckpointStore:
         if self.read_only:
             logger.warning("%s is not writable by this process: the store is open for "
                            "reading only, and saves to it will fail", self.root)
-        self.swept: list[Path] = [] if self.read_only else self.sweep()  # what opening removed
+        # What opening removed.
+        self.swept: list[Path | str] = [] if self.read_only else self.sweep()
 
-    def sweep(self, *, dry_run: bool = False) -> list[Path]:
+    def _path(self, key: str) -> Path | str:
+        """A key as the store hands it out: a Path locally, the key itself otherwise."""
+        return Path(key) if self._local else key
+
+    def sweep(self, *, dry_run: bool = False) -> list[Path | str]:
         """Remove the temp files of dead vgs_ckpt writers in the store's directories
         (the root, each member's directory and its ``_exploits``); returns what was
         (or would be) removed. Nothing else, and nothing deeper, is touched."""
         directories = [self._key()]
         for member_id in self._member_dirs():
             directories += [self._key(member_id), self._key(member_id, _EXPLOITS)]
-        return [Path(key) for directory in directories
+        return [self._path(key) for directory in directories
                 for key in self.storage.sweep(directory, dry_run=dry_run)]
 
     def _key(self, *names: str) -> str:
         """The storage key of ``names`` below the root."""
-        return self.storage.join(os.fspath(self.root), *names)
+        return self.storage.join(self._root, *names)
 
     def close(self) -> None:
         """Wait for every pending background save (:meth:`flush`); the store stays
@@ -174,7 +190,7 @@ class CheckpointStore:
         else:  # keep the original error; the saves still finish
             self._wait()
 
-    def archive_run(self) -> Path | None:
+    def archive_run(self) -> Path | str | None:
         """Move every member's files (and anything else in the root but earlier
         archives) into ``root/_previous_runs/<UTC time>/``, so a fresh run starts in
         an empty store; the archive's path, or None if there was nothing to move."""
@@ -189,7 +205,7 @@ class CheckpointStore:
         for info in entries:
             self.storage.move(info.key, self.storage.join(target, info.name))
         self._sequence.clear()
-        return Path(target)
+        return self._path(target)
 
     def _forget_pending(self) -> None:
         """No background save pending (at creation, and in a forked child, where the
@@ -211,8 +227,8 @@ class CheckpointStore:
         self._wait()
         return [m for m in self._member_dirs() if self._paths(m)]
 
-    def member_dir(self, member_id: str) -> Path:
-        return self.root / check_member_id(member_id)
+    def member_dir(self, member_id: str) -> Path | str:
+        return self._path(self._key(check_member_id(member_id)))
 
     def save(self, member_id: str, parameters: Mapping[Any, Any], /,
              **fields: Unpack[HeaderFields]) -> CheckpointRef:
@@ -232,24 +248,40 @@ class CheckpointStore:
         if type(step) is not int or step < 0:
             raise UsageError(f"save({member_id!r}, ...): step must be an int >= 0, got "
                              f"{step!r:.60}")
-        number = self._next_write_number(member_id)
-        path = self.member_dir(member_id) / f"step_{step:012d}_w{number:012d}.safetensors"
+        key = self._new_key(member_id, step)
+        header, arrays = writer.prepare(parameters, key, fields, "CheckpointStore.save")
         if not self.async_save:
-            writer.save(path, parameters, storage=self.storage, durable=self.durable, **fields)
+            for _ in range(_CREATE_RETRIES - 1):
+                try:
+                    writer.commit(self.storage, key, header, arrays, durable=self.durable,
+                                  exclusive=True)
+                    break
+                except CheckpointExistsError:  # another writer took this write number
+                    key = self._new_key(member_id, step)
+            else:
+                writer.commit(self.storage, key, header, arrays, durable=self.durable,
+                              exclusive=True)
             self._prune(member_id)
-            return CheckpointRef(member_id, step, path, performance)
-        handle = (self._saver or default_saver()).save(
-            path, parameters, storage=self.storage, durable=self.durable, **fields)
+            return CheckpointRef(member_id, step, self._path(key), performance)
+        handle = (self._saver or default_saver()).submit(
+            self.storage, key, header, arrays, durable=self.durable,
+            retarget=lambda _: self._new_key(member_id, step))
         with self._done:
             self._pending.setdefault(member_id, []).append(handle)
         handle.add_done_callback(lambda done: self._committed(member_id, done))
-        return CheckpointRef(member_id, step, path, performance, handle)
+        # The key planned; should another writer take it first, the save goes to the
+        # next write number (handle.path is the key written).
+        return CheckpointRef(member_id, step, self._path(key), performance, handle)
+
+    def _new_key(self, member_id: str, step: int) -> str:
+        number = self._next_write_number(member_id)
+        return self._key(member_id, f"step_{step:012d}_w{number:012d}.safetensors")
 
     def _next_write_number(self, member_id: str) -> int:
         """One more than any write number of the member, on disk or given out by this
         process (a background save may not be on disk yet)."""
         with self._sequence_lock:
-            on_disk = max((_write_number(p) for p in self._paths(member_id)), default=0)
+            on_disk = max((_write_number(k) for k in self._paths(member_id)), default=0)
             number = max(on_disk, self._sequence.get(member_id, 0)) + 1
             self._sequence[member_id] = number
             return number
@@ -289,16 +321,17 @@ class CheckpointStore:
         if failed:
             raise failed[0]
 
-    def _ref(self, member_id: str, path: Path) -> CheckpointRef | None:
+    def _ref(self, member_id: str, key: str) -> CheckpointRef | None:
+        path = self._path(key)
         try:
-            header = reader.read_header(path, storage=self.storage)
+            header = reader.read_header(key, storage=self.storage)
         except CheckpointNotFoundError:
             return None  # pruned by another process meanwhile
         except VgsCkptError as exc:
             # Skipped, never deleted: the user decides (vgs-ckpt sweep --dry-run lists it).
-            key = (path, type(exc).__name__)
-            if key not in self._warned:
-                self._warned.add(key)
+            seen = (key, type(exc).__name__)
+            if seen not in self._warned:
+                self._warned.add(seen)
                 logger.warning("member %s: skipping unreadable checkpoint %s (%s)",
                                member_id, path, exc)
             return None
@@ -311,27 +344,26 @@ class CheckpointStore:
         return self._refs(member_id)
 
     def _refs(self, member_id: str) -> list[CheckpointRef]:
-        refs = (self._ref(member_id, path) for path in self._paths(member_id))
+        refs = (self._ref(member_id, key) for key in self._paths(member_id))
         return [ref for ref in refs if ref is not None]
 
-    def _paths(self, member_id: str) -> list[Path]:
-        """The member's files in write order: by write number; files without one (from
-        vgs_ckpt < 0.6) first, by modification time, then step."""
+    def _paths(self, member_id: str) -> list[str]:
+        """The keys of the member's files in write order: by write number; files
+        without one (from vgs_ckpt < 0.6) first, by modification time, then step."""
         found = []
-        for entry in self.storage.entries(os.fspath(self.member_dir(member_id))):
+        for entry in self.storage.entries(self._key(check_member_id(member_id))):
             match = _FILE.fullmatch(entry.name)
             if match is None or entry.directory:
                 continue
             mtime = 0 if match[2] else entry.modified_ns
-            found.append((int(match[2] or 0), mtime, int(match[1]), entry.name,
-                          Path(entry.key)))
+            found.append((int(match[2] or 0), mtime, int(match[1]), entry.name, entry.key))
         return [item[-1] for item in sorted(found)]
 
     def latest(self, member_id: str) -> CheckpointRef | None:
         """The member's most recently written checkpoint, or None."""
         self._wait(member_id)
-        for path in reversed(self._paths(member_id)):
-            ref = self._ref(member_id, path)
+        for key in reversed(self._paths(member_id)):
+            ref = self._ref(member_id, key)
             if ref is not None:
                 return ref
         return None
@@ -366,9 +398,9 @@ class CheckpointStore:
         Raises:
             CheckpointNotFoundError: the donor has no checkpoint.
         """
-        target_dir = self.member_dir(recipient_id) / _EXPLOITS
-        self.storage.makedirs(os.fspath(target_dir))
-        for old in self.storage.entries(os.fspath(target_dir)):  # keep only the newest pin
+        target_dir = self._key(check_member_id(recipient_id), _EXPLOITS)
+        self.storage.makedirs(target_dir)
+        for old in self.storage.entries(target_dir):  # keep only the newest pin
             if not old.directory and not old.name.startswith("."):
                 self.storage.delete(old.key)
         for _ in range(_CHECKOUT_RETRIES):
@@ -377,12 +409,14 @@ class CheckpointStore:
                 raise CheckpointNotFoundError(f"member {donor_id!r} has no checkpoint in "
                                               f"{self.root}; it must save one before it can "
                                               "be exploited")
-            target = target_dir / f"{donor_id}_step_{ref.step:012d}.safetensors"
+            target = self.storage.join(target_dir,
+                                       f"{donor_id}_step_{ref.step:012d}.safetensors")
             try:
-                self.storage.pin(os.fspath(ref.path), os.fspath(target))
+                self.storage.pin(os.fspath(ref.path), target)
             except CheckpointNotFoundError:
                 continue  # the donor pruned it after we looked: look again
-            return CheckpointRef(donor_id, ref.step, target, ref.performance)
+            return CheckpointRef(donor_id, ref.step, self._path(target), ref.performance,
+                                 header=ref.header)
         raise VgsCkptError(f"could not pin a checkpoint of member {donor_id!r}: its files "
                            f"kept changing during {_CHECKOUT_RETRIES} attempts")
 
@@ -393,26 +427,30 @@ class CheckpointStore:
             if ref is None:
                 raise CheckpointNotFoundError(f"member {member_id!r} has no checkpoint")
             try:
-                return loading.load(ref.path, storage=self.storage, **load_kwargs), ref
+                return loading.load(os.fspath(ref.path), storage=self.storage,
+                                    **load_kwargs), ref
             except CheckpointNotFoundError:
                 continue
         raise VgsCkptError(f"member {member_id!r}'s checkpoints kept changing")
 
 
-def unreadable_checkpoints(root: str | os.PathLike[str], *, storage: Storage | None = None
-                           ) -> list[tuple[Path, str]]:
+def unreadable_checkpoints(root: str | os.PathLike[str], *, storage: Storage | None = None,
+                           storage_options: StorageOptions | None = None
+                           ) -> list[tuple[Path | str, str]]:
     """Every store checkpoint file (``step_*.safetensors``) under ``root`` that cannot be
     read, with why (for ``vgs-ckpt sweep``)."""
-    backend = storage if storage is not None else LOCAL
-    found = []
-    for info in backend.entries(os.fspath(root), recursive=True):
+    backend, key = resolve(root, storage, storage_options=storage_options,
+                           function="unreadable_checkpoints")
+    local = isinstance(backend, LocalStorage)
+    found: list[tuple[Path | str, str]] = []
+    for info in backend.entries(key, recursive=True):
         if not info.directory and _FILE.fullmatch(info.name):
             try:
                 reader.read_header(info.key, storage=backend)
             except CheckpointNotFoundError:
                 continue
             except VgsCkptError as exc:
-                found.append((Path(info.key), str(exc)))
+                found.append((Path(info.key) if local else info.key, str(exc)))
     return found
 
 
@@ -428,6 +466,6 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_in_child)
 
 
-def _write_number(path: Path) -> int:
-    match = _FILE.fullmatch(path.name)
+def _write_number(key: str) -> int:
+    match = _FILE.fullmatch(key.rstrip("/").rsplit("/", 1)[-1])
     return int(match[2]) if match and match[2] else 0

@@ -50,7 +50,8 @@ def exploit(store: CheckpointStore, recipient_id: str, donor_id: str,
         raise UsageError(f"optimizer_strategy must be 'copy' or 'reset', got "
                          f"{optimizer_strategy!r}")
     ref = store.checkout(donor_id, recipient_id)
-    ckpt = loading.load(ref.path, map_location=map_location, upgrade=False)
+    ckpt = loading.load(os.fspath(ref.path), map_location=map_location, upgrade=False,
+                        storage=store.storage)
     fmt = ckpt.format
     if fmt is CheckpointFormat.V1_POLICY_ONLY:
         # Only the policy travels; the recipient keeps whatever else it has, exactly

@@ -74,14 +74,27 @@ class SafetensorsReader(CheckpointReader):
             node = subnode(self.header.tree, wanted)
         except KeyError as exc:
             raise no_such(self.where, exc.args[0]) from None
-        self._check(references(node))
+        names = references(node)
+        self._prefetch(names)
+        self._check(names)
         return decode(node, Decoder(self._get), self.where)
+
+    def _prefetch(self, names: list[str]) -> None:
+        """Read the named tensors together where the source can (an object store: one
+        ranged request per run of adjacent tensors, instead of one per tensor)."""
+        if self._mapped is None and not self._readahead:
+            self._mapped = self._source.views(self._container, readahead=False)
+        if self._mapped is not None:
+            prefetch = getattr(self._mapped[0], "prefetch", None)
+            if prefetch is not None:
+                prefetch([n for n in names if n not in self._made])
 
     def tensor(self, name: str) -> Any:
         self._check_open()
         if name not in self._container.entries:
             raise UsageError(f"{self.where}: no tensor {name!r} in the file; it holds "
                              f"{', '.join(list(self._container.entries)[:8]) or 'none'}")
+        self._prefetch([name])
         self._check([name])
         kind = self._made[name][0] if name in self._made else "torch"
         return self._get(name, kind)

@@ -71,10 +71,13 @@ class Storage(Protocol):
         ...
 
     def commit(self, key: str, write: Callable[[IO[bytes]], None], *,
-               durable: bool = True) -> None:
+               durable: bool = True, exclusive: bool = False) -> None:
         """Create or replace ``key`` atomically with what ``write(stream)`` writes to a
         forward stream (seekable only if ``capabilities.seekable_writes``). With
-        ``durable``, the object survives a power loss once this returns."""
+        ``durable``, the object survives a power loss once this returns. With
+        ``exclusive``, only create: if ``key`` exists (or another writer creates it
+        first), raise CheckpointExistsError and leave it as it is (atomic where
+        ``capabilities.conditional_create``)."""
         ...
 
     def entries(self, prefix: str, *, recursive: bool = False) -> list[ObjectInfo]:

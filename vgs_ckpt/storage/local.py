@@ -41,6 +41,7 @@ import numpy as np
 
 from vgs_ckpt._container import Container, Entry, Ready, notify
 from vgs_ckpt.errors import (
+    CheckpointExistsError,
     CheckpointIOError,
     CheckpointNotFoundError,
     FormatError,
@@ -122,11 +123,16 @@ class LocalStorage:
         return FileSource(_open_regular(key), key, use_mmap=mmap)
 
     def commit(self, key: str, write: Callable[[IO[bytes]], None], *,
-               durable: bool = True) -> None:
+               durable: bool = True, exclusive: bool = False) -> None:
         """Write a file so that ``key`` holds either the old bytes or all of the new
         ones. Missing parent directories are created. ``write`` gets a seekable binary
         file. A reader that has the old file open (or mapped) keeps seeing the old
-        bytes: the rename swaps the directory entry, not the file's contents."""
+        bytes: the rename swaps the directory entry, not the file's contents.
+
+        With ``exclusive``, the finished file is hard-linked to ``key`` instead of
+        renamed, which fails if ``key`` exists (atomically, on NFS too): a
+        CheckpointExistsError, and nothing is written. Where links are not possible
+        the name is checked just before the rename."""
         target = Path(key)
         directory = target.parent
         try:
@@ -146,7 +152,10 @@ class LocalStorage:
                 handle.flush()
                 if durable:
                     os.fsync(handle.fileno())
-            os.replace(tmp, target)
+            if exclusive:
+                _link_new(tmp, target)
+            else:
+                os.replace(tmp, target)
         except BaseException as exc:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
@@ -278,6 +287,24 @@ def _missing(source: str, target: str) -> CheckpointIOError:
     directory = os.path.dirname(target) or "."
     return CheckpointIOError(f"cannot pin {source} as {target}: the directory {directory} does "
                              "not exist; create it first (storage.makedirs)")
+
+
+def _link_new(tmp: str, target: Path) -> None:
+    """Publish the finished ``tmp`` as ``target`` only if ``target`` does not exist."""
+    try:
+        os.link(tmp, target)
+    except FileExistsError:
+        raise CheckpointExistsError(f"{target} already exists (another writer created it "
+                                    "first); nothing was written") from None
+    except OSError as exc:
+        if exc.errno not in _NO_LINKS:
+            raise
+        if os.path.lexists(target):
+            raise CheckpointExistsError(f"{target} already exists (another writer created "
+                                        "it first); nothing was written") from None
+        os.replace(tmp, target)
+        return
+    os.unlink(tmp)
 
 
 def _info(path: str) -> ObjectInfo | None:
