@@ -2,6 +2,8 @@
 
     python -m tests.crash_driver DIR SEED
 
+DIR may be a URL (``s3://...``, with ``storage_options``).
+
 Resumes whatever DIR holds (``resume="auto"``), prints ``READY`` and trains forever:
 each member trains a few steps, reports, saves its full state and exploits. The
 crash test SIGKILLs it at random moments.
@@ -30,16 +32,19 @@ def make_learner(seed: int, lr: float) -> TorchLearner:
                                                                   warmup_steps=3))
 
 
-def config(directory: str, resume: str = "auto") -> PBTConfig:
+def config(directory: str, resume: str = "auto",
+           storage_options: dict[str, Any] | None = None) -> PBTConfig:
     return PBTConfig(directory, population_size=MEMBERS, perturbation_interval=2,
                      truncation_ratio=0.25, keep_last=2, keep_best=1, seed=0, resume=resume,
-                     hyperparams=[HyperparamSpec("lr", 1e-4, 1e-2, log_scale=True)])
+                     hyperparams=[HyperparamSpec("lr", 1e-4, 1e-2, log_scale=True)],
+                     storage_options=storage_options)
 
 
-def main(directory: str, seed: int, ready: Any = None) -> None:
+def main(directory: str, seed: int, ready: Any = None,
+         storage_options: dict[str, Any] | None = None) -> None:
     torch.set_num_threads(1)
     rng = random.Random(seed)
-    scheduler = PBTScheduler(config(directory))
+    scheduler = PBTScheduler(config(directory, storage_options=storage_options))
     learners, steps = {}, {}
     for member in scheduler.initialize_population():
         learner = make_learner(int(member.member_id), member.hyperparams["lr"])

@@ -15,8 +15,8 @@ from vgs_ckpt.async_save import SaveHandle, save_async
 from vgs_ckpt.checkpoint import Checkpoint
 from vgs_ckpt.errors import (
     ArgumentError,
-    CheckpointIOError,
     CheckpointExistsError,
+    CheckpointIOError,
     CheckpointNotFoundError,
     FormatError,
     IntegrityError,
@@ -58,10 +58,10 @@ from vgs_ckpt.writer import save, save_bytes
 __all__ = [
     "ArgumentError",
     "Checkpoint",
+    "CheckpointExistsError",
     "CheckpointFormat",
     "CheckpointHeader",
     "CheckpointIOError",
-    "CheckpointExistsError",
     "CheckpointNotFoundError",
     "CheckpointReader",
     "CheckpointV1",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -14,11 +15,12 @@ import torch
 
 from vgs_ckpt import loading, reader
 from vgs_ckpt._dtypes import BY_CODE
-from vgs_ckpt.errors import VgsCkptError
+from vgs_ckpt.errors import UsageError, VgsCkptError
 from vgs_ckpt.pbt.store import unreadable_checkpoints
 from vgs_ckpt.schema import schema_drift, write_schemas
-from vgs_ckpt.storage import LOCAL
+from vgs_ckpt.storage import LocalStorage, resolve
 from vgs_ckpt.storage.local import MIN_TEMP_AGE
+from vgs_ckpt.storage.objects import MIN_UPLOAD_AGE
 from vgs_ckpt.upgrades.files import upgrade_files
 
 __all__ = ["main"]
@@ -41,10 +43,47 @@ def _table(rows: list[list[str]], headers: list[str]) -> str:
     return "\n".join(lines)
 
 
-def _describe(path: str) -> dict[str, Any]:
+def _options(args: argparse.Namespace) -> dict[str, Any] | None:
+    """``--storage-option KEY=VALUE`` flags as fsspec storage_options: a dotted key
+    nests (``client_kwargs.endpoint_url=...``); ``true``/``false``/numbers are parsed."""
+    pairs = getattr(args, "storage_option", None) or []
+    if not pairs:
+        return None
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        name, sep, raw = pair.partition("=")
+        if not sep or not name:
+            raise UsageError(f"--storage-option {pair!r}: expected KEY=VALUE (for example "
+                             "client_kwargs.endpoint_url=http://127.0.0.1:9000)")
+        value = _value(raw)
+        *parents, leaf = name.split(".")
+        node = options
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise UsageError(f"--storage-option {pair!r}: {part!r} is already a value")
+            node = child
+        node[leaf] = value
+    return options
+
+
+def _value(raw: str) -> Any:
+    """A flag's value: a bool, an int, a finite float, or the string itself."""
+    if raw.lower() in ("true", "false"):
+        return raw.lower() == "true"
+    for kind in (int, float):
+        try:
+            value = kind(raw)
+        except ValueError:
+            continue
+        return value if math.isfinite(value) else raw
+    return raw
+
+
+def _describe(path: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
     # The file as it is: a vgs_ckpt header is read once (no tensor bytes), a legacy
     # pickle is unpickled once (weights_only).
-    with reader.open(path, verify=False) as opened:
+    with reader.open(path, verify=False, storage_options=options) as opened:
         header, container = opened.header, opened.container
         model = _sb3_model(opened)
     info: dict[str, Any] = {"path": path, "container": container,
@@ -104,7 +143,7 @@ def _space(space: Any) -> str:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    info = _describe(args.path)
+    info = _describe(args.path, _options(args))
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -148,7 +187,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    ckpt = loading.load(args.path, verify=True, upgrade=False)
+    ckpt = loading.load(args.path, verify=True, upgrade=False, storage_options=_options(args))
     count = len(ckpt.header.tensors)
     if ckpt.container != "safetensors":
         print(f"OK {_safe(args.path)}: a legacy {ckpt.container} file (torch.save, "
@@ -193,12 +232,14 @@ class _Progress:
 
 def _upgrade(args: argparse.Namespace) -> int:
     results = upgrade_files(args.paths, out=args.out, in_place=args.in_place,
-                            dry_run=args.dry_run, progress=_Progress())
+                            dry_run=args.dry_run, progress=_Progress(),
+                            storage_options=_options(args))
     if not results:
         print("no checkpoint files found", file=sys.stderr)
         return 1
     rows = [[str(r.source), r.original, r.final, ", ".join(r.steps) or "-",
-             r.result + (f" (backup {r.backup.name})" if r.backup else "")] for r in results]
+             r.result + (f" (backup {_basename(r.backup)})" if r.backup else "")]
+            for r in results]
     print(_table(rows, ["file", "from", "to", "steps applied", "result"]))
     failed = sum(r.failed for r in results)
     print(f"\n{len(results)} files: {len(results) - failed} ok, {failed} failed"
@@ -214,18 +255,25 @@ def _demo(args: argparse.Namespace) -> int:
                      plot_path=args.plot)
 
 
+def _basename(path: Path | str) -> str:
+    return path.name if isinstance(path, Path) else path.rstrip("/").rsplit("/", 1)[-1]
+
+
 def _sweep(args: argparse.Namespace) -> int:
-    root = Path(args.dir)
-    if not root.is_dir():
+    storage, root = resolve(args.dir, storage_options=_options(args), function="sweep")
+    if isinstance(storage, LocalStorage) and not Path(root).is_dir():
         print(f"vgs-ckpt sweep: {root} is not a directory", file=sys.stderr)
         return 2
-    removed = LOCAL.sweep(os.fspath(root), recursive=True, dry_run=args.dry_run,
-                          min_age=args.min_age)
+    local = isinstance(storage, LocalStorage)
+    min_age = args.min_age if args.min_age is not None else (
+        MIN_TEMP_AGE if local else MIN_UPLOAD_AGE)
+    removed = storage.sweep(root, recursive=True, dry_run=args.dry_run, min_age=min_age)
     verb = "would remove" if args.dry_run else "removed"
+    what = "temp file(s)" if local else "incomplete upload(s)"
     for key in removed:
         print(f"{verb} {_safe(key)}")
-    print(f"{verb} {len(removed)} temp file(s) of dead writers under {_safe(root)}")
-    unreadable = unreadable_checkpoints(root)
+    print(f"{verb} {len(removed)} {what} of dead writers under {_safe(root)}")
+    unreadable = unreadable_checkpoints(root, storage=storage)
     for path, why in unreadable:
         print(f"unreadable checkpoint (kept; the store skips it): {_safe(path)}: {_safe(why)}")
     if unreadable:
@@ -247,6 +295,12 @@ def _schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def _storage_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
+                        help="an fsspec storage option for URLs (s3://...), repeatable; "
+                        "dotted keys nest: client_kwargs.endpoint_url=http://host:9000")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vgs-ckpt", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -263,17 +317,22 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="show format, header, VGS summary and tensors of a file")
     p.add_argument("path")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    _storage_flag(p)
     p.set_defaults(run=_inspect)
     p = sub.add_parser("verify", help="load a file and check every tensor's digest")
     p.add_argument("path")
+    _storage_flag(p)
     p.set_defaults(run=_verify)
     p = sub.add_parser("sweep", help="remove temp files that killed writers left in a "
                        "checkpoint directory (recursive); live writers' files are kept")
     p.add_argument("dir")
     p.add_argument("--dry-run", action="store_true", help="only list what would be removed")
-    p.add_argument("--min-age", type=float, default=MIN_TEMP_AGE, metavar="SECONDS",
+    p.add_argument("--min-age", type=float, default=None, metavar="SECONDS",
                    help="an unlocked temp file whose writer pid still exists is removed "
-                   f"only after this long (default {MIN_TEMP_AGE:.0f})")
+                   f"only after this long (default {MIN_TEMP_AGE:.0f}); on an object store, "
+                   "an incomplete upload only when started this long ago (default "
+                   f"{MIN_UPLOAD_AGE:.0f})")
+    _storage_flag(p)
     p.set_defaults(run=_sweep)
     p = sub.add_parser("upgrade", help="convert legacy and older checkpoints to the latest "
                        "format")
@@ -283,6 +342,7 @@ def _parser() -> argparse.ArgumentParser:
     where.add_argument("--in-place", action="store_true",
                        help="replace each file, keeping NAME.bak (never overwriting a backup)")
     p.add_argument("--dry-run", action="store_true", help="report what would change; write nothing")
+    _storage_flag(p)
     p.set_defaults(run=_upgrade)
     p = sub.add_parser("schema", help="write the JSON Schema files generated from the models")
     p.add_argument("--out", default="schema", help="directory (default: ./schema)")

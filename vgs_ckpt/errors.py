@@ -43,8 +43,8 @@ from typing import Any
 
 __all__ = [
     "ArgumentError",
-    "CheckpointIOError",
     "CheckpointExistsError",
+    "CheckpointIOError",
     "CheckpointNotFoundError",
     "FormatError",
     "IntegrityError",

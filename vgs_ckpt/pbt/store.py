@@ -146,10 +146,13 @@ class CheckpointStore:
         self._warned: set[tuple[str, str]] = set()
         try:
             self.storage.makedirs(self._key())
+        except CheckpointNotFoundError:  # e.g. an object store's bucket: the error says
+            raise
         except CheckpointIOError as exc:
-            raise CheckpointIOError(exc.errno, f"cannot create the store directory "
-                                    f"{self.root}: {exc.strerror or exc}",
-                                    str(self.root)) from None
+            message = f"cannot create the store directory {self.root}: {exc.strerror or exc}"
+            if exc.errno is None:
+                raise CheckpointIOError(message) from None
+            raise CheckpointIOError(exc.errno, message, str(self.root)) from None
         self.read_only = not self.storage.writable(self._key())
         if self.read_only:
             logger.warning("%s is not writable by this process: the store is open for "

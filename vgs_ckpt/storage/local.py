@@ -75,8 +75,12 @@ _NO_LINKS = (errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EMLINK)
 
 
 def host_tag() -> str:
-    """This host's name as it appears in temp file names (letters, digits, '-')."""
-    name = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:63]
+    """This host's name as it appears in temp file names (letters, digits, '-'): the
+    ``VGS_CKPT_HOST`` environment variable if set (for hosts whose names are not
+    unique, such as containers sharing a host name but not a pid namespace), else
+    the host name."""
+    raw = os.environ.get("VGS_CKPT_HOST") or socket.gethostname()
+    name = re.sub(r"[^A-Za-z0-9-]", "-", raw)[:63]
     return name or "host"
 
 

@@ -32,9 +32,9 @@ does, and what it guarantees:
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
-import posixpath
 import re
 import threading
 import time
@@ -60,7 +60,9 @@ __all__ = ["HEAD_BYTES", "MIN_UPLOAD_AGE", "PART_BYTES", "RUN_BYTES", "FsspecSto
            "ObjectSource", "for_url", "is_url"]
 
 logger = logging.getLogger("vgs_ckpt")
-HEAD_BYTES = 64 * 1024  # the first ranged GET of an object (header and first tensors)
+# The first ranged GET of an object: most headers fit (a larger one takes one more GET),
+# and a header-only read (the store's listings) brings few tensor bytes along.
+HEAD_BYTES = 16 * 1024
 RUN_BYTES = 16 * 1024 * 1024  # a whole load downloads in ranged GETs of this size
 PART_BYTES = 64 * 1024 * 1024  # multipart upload part size (one PUT below it)
 MIN_UPLOAD_AGE = 3600.0  # an incomplete upload younger than this may have a live writer
@@ -159,9 +161,8 @@ class FsspecStorage:
         implied (a completed PUT is durable). With ``exclusive``, an existing object
         is a CheckpointExistsError and nothing is written."""
         path = self.path(key)
-        if exclusive and not self._conditional_works(key):
-            if self._exists(path):
-                raise _exists_error(key)
+        if exclusive and not self._conditional_works(key) and self._exists(path):
+            raise _exists_error(key)
         if self.protocol in _BUFFERED:
             self._commit_buffered(key, path, write, exclusive)
             return
@@ -222,10 +223,8 @@ class FsspecStorage:
         return self._conditional[bucket]
 
     def _quiet_rm(self, path: str) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self.fs.rm_file(path)
-        except OSError:
-            pass
 
     def _exists(self, path: str) -> bool:
         try:
@@ -625,6 +624,7 @@ def _discard(handle: Any) -> None:
     try:
         if hasattr(handle, "discard"):
             handle.discard()
+            handle.closed = True  # nothing left to flush (not even when collected)
     except Exception as exc:  # the original error matters more
         logger.warning("could not abort an incomplete upload (%s); the store's sweep will "
                        "(vgs-ckpt sweep)", exc)
