@@ -61,6 +61,7 @@ def trainable(config: dict[str, Any]) -> None:
         info = {"restored_from": restored.source.member_id,
                 "restored_file": restored.source.file,
                 "restored_iteration": restored.source.step, "restored_cloned": restored.cloned,
+                "restored_restarted": restored.restarted,
                 "restored_digest": state_digest(learner),
                 "restored_vgs_step_count": learner.vgs.step_count}
     gen = torch.Generator().manual_seed(config.get("seed", 0) + iteration)
@@ -109,7 +110,10 @@ def run(storage_path: str, *, num_samples: int = 4, iterations: int = 8,
         tune_config=tune.TuneConfig(metric="loss", mode="min", scheduler=scheduler,
                                     num_samples=num_samples),
         run_config=tune.RunConfig(name="vgs_ckpt_pbt", storage_path=os.path.abspath(storage_path),
-                                  stop={"training_iteration": iterations}, verbose=0),
+                                  stop={"training_iteration": iterations}, verbose=0,
+                                  # A trial whose worker died restarts from its last
+                                  # checkpoint instead of stalling the synchronous PBT.
+                                  failure_config=tune.FailureConfig(max_failures=3)),
     )
     return tuner.fit()
 

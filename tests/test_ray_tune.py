@@ -106,3 +106,29 @@ def test_pbt_run_exploits_carry_the_donors_state_and_keep_the_explored_lr(
     headers = [vgs_ckpt.read_header(f) for f in files]
     assert any(isinstance(h, vgs_ckpt.CheckpointV2) and h.lineage.exploited_from is not None
                for h in headers)
+
+
+def test_a_restart_from_a_cloned_checkpoint_is_not_another_exploit(tmp_path: Path) -> None:
+    """Ray restarts a trial whose node died from its latest checkpoint, which is the
+    donor's when it was cloned and had not reported since: not a second exploit."""
+    pytest.importorskip("ray.tune")
+    from vgs_ckpt.integrations import ray_tune
+
+    donor = make_learner(0, lr=0.05)
+    train(donor, 4)
+    checkpoint = ray_tune.save_checkpoint(tmp_path, donor.get_parameters(), step=4,
+                                          trial_id="donor_trial", config={"lr": 0.05})
+    first = ray_tune.restore_checkpoint(checkpoint, {"lr": 0.01}, trial_id="recipient")
+    assert first.cloned and not first.restarted
+    assert (tmp_path / ".vgs_ckpt-restored-by-recipient").exists()
+    # A restart, on another node: the marker is on the checkpoint's storage.
+    again = ray_tune.restore_checkpoint(checkpoint, {"lr": 0.01}, trial_id="recipient")
+    assert not again.cloned and again.restarted
+    assert again.lineage == first.lineage  # the exploit it continues, recorded once
+    other = ray_tune.restore_checkpoint(checkpoint, {"lr": 0.02}, trial_id="third")
+    assert other.cloned  # another recipient of the same donor checkpoint
+    # A second exploit of the same donor checkpoint comes with a new explored config.
+    second = ray_tune.restore_checkpoint(checkpoint, {"lr": 0.008}, trial_id="recipient")
+    assert second.cloned and not second.restarted
+    restart = ray_tune.restore_checkpoint(checkpoint, {"lr": 0.008}, trial_id="recipient")
+    assert restart.restarted

@@ -21,10 +21,22 @@ loads it, applies *this* trial's (explored) hyperparameters from ``config`` to t
 optimizer ``param_groups`` and to the VGS knobs (``vgs_alpha``, ...), so the donor's
 saved values do not override them, and returns the lineage (donor trial and
 iteration) that the next checkpoint records.
+
+A restart is not an exploit. Ray restarts a failed trial (its node died, or the
+driver was restored) from the latest checkpoint it knows for it, which is the
+donor's when the trial was cloned and had not reported since (or when Ray's saved
+experiment state predates its reports). ``restore`` tells the two apart with a
+marker it writes next to a cloned checkpoint (``.vgs_ckpt-restored-by-<trial id>``,
+through the checkpoint's own filesystem, so it outlives the node) holding the
+trial's config: a restore of the same checkpoint with the same config is a restart
+(``cloned=False``, ``restarted=True``, the same lineage); a new exploit of it comes
+with a newly explored config and counts as one.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import os
 import tempfile
@@ -42,6 +54,7 @@ from vgs_ckpt.upgrades import upgrade
 __all__ = ["CHECKPOINT_FILE", "Restored", "report", "restore", "restore_checkpoint",
            "save_checkpoint"]
 
+logger = logging.getLogger("vgs_ckpt")
 CHECKPOINT_FILE = "vgs_ckpt.safetensors"
 INSTALL = "pip install 'vgs-ckpt[ray]'"
 
@@ -110,8 +123,11 @@ class Restored:
     parameters: dict[Any, Any]  # with this trial's hyperparameters applied
     header: CheckpointV2
     source: ExploitSource  # the trial and iteration the checkpoint was written by
-    cloned: bool  # True when it came from another trial (Ray's PBT exploit)
+    # True when this is an exploit: another trial's checkpoint, restored by this trial
+    # for the first time (a restart from the same checkpoint is not one).
+    cloned: bool
     lineage: Lineage  # what this trial's next checkpoint should record
+    restarted: bool = False  # a restart of this trial from a checkpoint it had restored
 
 
 def restore_checkpoint(checkpoint: Any, config: Mapping[str, Any], *,
@@ -137,12 +153,60 @@ def restore_checkpoint(checkpoint: Any, config: Mapping[str, Any], *,
     me = trial_id or _trial_id()
     source = ExploitSource(member_id=header.member_id or "unknown", step=header.step,
                            performance=header.performance, file=os.fspath(checkpoint.path))
-    cloned = header.member_id is not None and me is not None and header.member_id != me
+    foreign = header.member_id is not None and me is not None and header.member_id != me
+    restarted = foreign and _marked(checkpoint, me, config)
+    cloned = foreign and not restarted
+    if cloned:
+        _mark(checkpoint, me, config)
     parameters = apply_hyperparams(loaded.parameters, config)
-    if cloned and optimizer_strategy == "reset":
+    if foreign and optimizer_strategy == "reset":
         parameters = reset_optimizer_state(parameters)
-    lineage = Lineage(exploited_from=source) if cloned else header.lineage
-    return Restored(parameters, header, source, cloned, lineage)
+    lineage = Lineage(exploited_from=source) if foreign else header.lineage
+    return Restored(parameters, header, source, cloned, lineage, restarted)
+
+
+_MARKER = ".vgs_ckpt-restored-by-"
+
+
+def _marker_path(checkpoint: Any, trial_id: str | None) -> tuple[Any, str] | None:
+    filesystem, path = getattr(checkpoint, "filesystem", None), getattr(checkpoint, "path", None)
+    if filesystem is None or path is None or trial_id is None:
+        return None
+    return filesystem, f"{str(path).rstrip('/')}/{_MARKER}{trial_id}"
+
+
+def _config_key(config: Mapping[str, Any]) -> bytes:
+    return json.dumps(_json_hyperparams(config), sort_keys=True).encode()
+
+
+def _marked(checkpoint: Any, trial_id: str | None, config: Mapping[str, Any]) -> bool:
+    """Whether this trial restored ``checkpoint`` before with this same ``config``: a
+    restart. (A new exploit of the same checkpoint comes with a newly explored
+    config; an unreadable marker counts the restore as an exploit.)"""
+    where = _marker_path(checkpoint, trial_id)
+    if where is None:
+        return False
+    filesystem, path = where
+    try:
+        with filesystem.open_input_stream(path) as stream:
+            return bool(stream.read() == _config_key(config))
+    except Exception:  # no marker (FileNotFoundError, or the filesystem's own error)
+        return False
+
+
+def _mark(checkpoint: Any, trial_id: str | None, config: Mapping[str, Any]) -> None:
+    """Record, next to the cloned checkpoint (on the checkpoint's own filesystem, so it
+    outlives this node), that this trial restored it with ``config``."""
+    where = _marker_path(checkpoint, trial_id)
+    if where is None:
+        return
+    filesystem, path = where
+    try:
+        with filesystem.open_output_stream(path) as stream:
+            stream.write(_config_key(config))
+    except Exception as exc:  # a read-only checkpoint: no restart detection
+        logger.warning("could not mark the cloned checkpoint %s (%s): a restart from it "
+                       "would count as another exploit", path, exc)
 
 
 def restore(config: Mapping[str, Any], **kwargs: Any) -> Restored | None:
