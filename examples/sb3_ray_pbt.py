@@ -8,9 +8,9 @@ trial's *whole* learner state (``sb3.get_state``: networks, Adam moments, VGS
 statistics, the ``VecNormalize`` observation and reward statistics, counters and
 generators) as a vgs_ckpt checkpoint (``ray_tune.report``). When Ray's PBT clones a
 better trial, ``sb3.set_state`` puts all of it into the recipient, with the
-recipient's explored learning rate and VGS alpha applied, and the recipient keeps
-its own counters and random generators; a restart of a trial from its own
-checkpoint restores those too.
+recipient's explored learning rate and VGS alpha applied; the recipient keeps its
+own random generators (a restart of a trial from its own checkpoint restores
+those too).
 
     pip install -e '.[ray,sb3]'
     python examples/sb3_ray_pbt.py [--samples 4] [--iterations 6] [--storage-path DIR]
@@ -76,9 +76,11 @@ def trainable(config: dict[str, Any]) -> None:
     lineage, iteration, info = None, 0, {}
     if restored is not None:
         before = model.get_env().obs_rms.mean.copy()
-        own = not restored.cloned  # a restart: its own counters and generators too
+        # Ray starts a cloned trial in a new process: it has no counters of its own
+        # left, so it continues the donor's (timesteps, updates); its generators are
+        # its own (seeded) unless this is a restart of its own checkpoint.
         sb3.set_state(model, restored.parameters, hyperparams=_hyperparams(config),
-                      restore_counters=own, restore_rng=own)
+                      restore_counters=True, restore_rng=not restored.cloned)
         lineage, iteration = restored.lineage, restored.header.step
         info = {"restored_from": restored.source.member_id,
                 "restored_iteration": restored.source.step,

@@ -132,3 +132,21 @@ def test_a_restart_from_a_cloned_checkpoint_is_not_another_exploit(tmp_path: Pat
     assert second.cloned and not second.restarted
     restart = ray_tune.restore_checkpoint(checkpoint, {"lr": 0.008}, trial_id="recipient")
     assert restart.restarted
+
+
+@pytest.mark.ray
+@pytest.mark.sb3
+def test_sb3_population_on_ray_carries_the_normalizer(tmp_path: Path) -> None:
+    """examples/sb3_ray_pbt.py: PPO+VGS with VecNormalize as a Ray Tune trainable."""
+    pytest.importorskip("stable_baselines3")
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / "sb3_ray_pbt.py"), "--samples", "2", "--iterations",
+         "3", "--interval", "1", "--storage-path", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    exploits = [line for line in done.stdout.splitlines() if line.startswith("exploit:")]
+    assert exploits, done.stdout[-2000:]
+    for line in exploits:  # the recipient's normalizer is the donor's after the restore
+        before, after = line.split("obs mean[0] ")[1].split(",")[0].split(" -> ")
+        assert float(after) != float(before)
+    assert any(p.name == "vgs_ckpt.safetensors" for p in tmp_path.rglob("*"))
