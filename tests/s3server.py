@@ -55,6 +55,8 @@ class S3Server(ThreadedMotoServer):
                              environ.get("QUERY_STRING", ""), environ.get("HTTP_RANGE"),
                              int(environ.get("CONTENT_LENGTH") or 0), 0,
                              environ.get("HTTP_X_AMZ_COPY_SOURCE"))
+            with self._lock:  # recorded on arrival; its bytes are counted before they
+                self.requests.append(record)  # are sent, so a client never sees fewer
             body: Iterable[bytes] = app(environ, start_response)
             try:
                 for chunk in body:
@@ -64,8 +66,6 @@ class S3Server(ThreadedMotoServer):
                 close = getattr(body, "close", None)
                 if close is not None:
                     close()
-                with self._lock:
-                    self.requests.append(record)
 
         self._server = make_server(self._ip_address, self._port, counted, True,
                                    request_handler=MotoRequestHandler)

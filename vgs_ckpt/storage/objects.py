@@ -5,21 +5,23 @@ Keys are URLs (``s3://bucket/runs/a/step_150.safetensors``). What each operation
 does, and what it guarantees:
 
 - **commit** is all or nothing without a rename. On S3 the object is streamed to
-  one PUT (objects below :data:`PART_BYTES`) or to a multipart upload that is
-  completed last; until then no reader can see any of it, and a failed write
-  aborts the upload. ``exclusive=True`` sends ``If-None-Match: *``, so of two
-  writers of one key exactly one succeeds; a server that ignores the header
-  (detected once per bucket with a probe object) falls back to checking before
-  the write, with a warning (two writers racing within that window can then
-  overwrite each other). GCS and Azure files publish on close too; ``memory://``
-  objects are buffered and stored in one step.
-- **open** reads lazily with ranged GETs: the first :data:`HEAD_BYTES` bytes (one
-  GET, which also gives the object's size and ETag), the rest of a larger header
-  with one more, and each subtree asked for with one GET per run of adjacent
-  tensors. Every later GET carries ``If-Match: <ETag>``: an object replaced while
-  it is being read is an error, never a mix of two versions. A whole ``load``
-  streams in runs of :data:`RUN_BYTES` (the next one downloading while the last is
-  hashed), so memory holds the tensors and at most two runs besides.
+  one PUT (objects below :data:`PART_BYTES`) or to a multipart upload (its parts
+  :data:`UPLOADS` at a time) that is completed last; until then no reader can see
+  any of it, and a failed write aborts the upload. ``exclusive=True`` sends
+  ``If-None-Match: *``, so of two writers of one key exactly one succeeds; a server
+  that ignores the header (detected once per bucket with a probe object) falls back
+  to checking before the write, with a warning (two writers racing within that
+  window can then overwrite each other). GCS and Azure files publish on close too;
+  ``memory://`` objects are buffered and stored in one step.
+- **open** reads lazily with ranged GETs: the object's first bytes (one GET, which
+  also gives its size and ETag; :data:`HEAD_BYTES`, or as many as the last header
+  this backend read had, so a store's listings read each header in one GET and no
+  tensor bytes), the rest of a larger header with one more, and each subtree asked
+  for with one GET per run of adjacent tensors. Every later GET carries
+  ``If-Match: <ETag>``: an object replaced while it is being read is an error, never
+  a mix of two versions. A whole ``load`` streams the data with one GET straight
+  into the tensors' memory (runs of :data:`RUN_BYTES`), each tensor hashed as soon
+  as it is complete, so memory holds the tensors and one chunk besides.
 - **pin** is a server-side copy (S3 CopyObject): no tensor byte passes through
   the client, and the copy is the recipient's own object, so the donor's
   retention can delete its file at any moment after.
@@ -36,15 +38,23 @@ import contextlib
 import io
 import logging
 import re
+import struct
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from datetime import datetime
 from typing import IO, Any
 
-from vgs_ckpt._container import Container, Entry, Ready, notify
+from vgs_ckpt._container import (
+    SNIFF_BYTES,
+    Container,
+    Entry,
+    Ready,
+    looks_like_safetensors,
+    notify,
+)
 from vgs_ckpt.errors import (
     CheckpointExistsError,
     CheckpointIOError,
@@ -56,7 +66,7 @@ from vgs_ckpt.errors import (
 from vgs_ckpt.storage.base import Capabilities, ObjectInfo
 from vgs_ckpt.storage.local import owned_buffer
 
-__all__ = ["HEAD_BYTES", "MIN_UPLOAD_AGE", "PART_BYTES", "RUN_BYTES", "FsspecStorage",
+__all__ = ["HEAD_BYTES", "MIN_UPLOAD_AGE", "PART_BYTES", "RUN_BYTES", "UPLOADS", "FsspecStorage",
            "ObjectSource", "for_url", "is_url"]
 
 logger = logging.getLogger("vgs_ckpt")
@@ -64,9 +74,11 @@ logger = logging.getLogger("vgs_ckpt")
 # and a header-only read (the store's listings) brings few tensor bytes along.
 HEAD_BYTES = 16 * 1024
 RUN_BYTES = 16 * 1024 * 1024  # a whole load downloads in ranged GETs of this size
-PART_BYTES = 64 * 1024 * 1024  # multipart upload part size (one PUT below it)
+PART_BYTES = 32 * 1024 * 1024  # multipart upload part size (one PUT below it)
+UPLOADS = 4  # parts of one upload in flight at once
 MIN_UPLOAD_AGE = 3600.0  # an incomplete upload younger than this may have a live writer
 _MERGE_GAP = 4096  # tensors asked for together are read in one GET across gaps this small
+_CHUNK = 1024 * 1024  # a streamed GET is copied into the tensors' memory in chunks this big
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 # Filesystems whose files become visible whole, on close (and never before).
 _PUBLISH_ON_CLOSE = frozenset({"s3", "s3a", "gs", "gcs", "abfs", "abfss", "az"})
@@ -128,6 +140,9 @@ class FsspecStorage:
             atomic_rename=False, hard_links=False, locks=False, conditional_create=True,
             seekable_writes=False, mmap=False)
         self._conditional: dict[str, bool] = {}  # per bucket: does If-None-Match work?
+        self._buckets: set[str] = set()  # buckets seen to exist
+        # How many bytes the first GET of an object asks for: the last header's size.
+        self.head_hint = HEAD_BYTES
 
     def __repr__(self) -> str:
         return f"FsspecStorage({self.protocol}://)"
@@ -167,8 +182,8 @@ class FsspecStorage:
             self._commit_buffered(key, path, write, exclusive)
             return
         try:
-            handle = self.fs.open(path, "xb" if exclusive else "wb",
-                                  **({"block_size": PART_BYTES} if self.s3 else {}))
+            handle: Any = (_Upload(self.fs, path, exclusive) if self.s3 else
+                           self.fs.open(path, "xb" if exclusive else "wb"))
         except OSError as exc:
             raise _io_error(exc, f"cannot start writing {key}") from None
         try:
@@ -276,7 +291,7 @@ class FsspecStorage:
         if not overwrite and self._exists(self.path(target)):
             raise _exists_error(target)
         try:
-            self.fs.copy(self.path(source), self.path(target))
+            self.fs.cp_file(self.path(source), self.path(target))  # one object, no listing
         except FileNotFoundError:
             raise CheckpointNotFoundError(f"{source} does not exist (removed before it could "
                                           f"be pinned as {target})") from None
@@ -303,6 +318,8 @@ class FsspecStorage:
         if not self.s3:
             return
         bucket = self._bucket(prefix)
+        if bucket in self._buckets:
+            return
         try:
             self.fs.invalidate_cache(bucket)
             exists = self.fs.exists(bucket)
@@ -311,6 +328,7 @@ class FsspecStorage:
         if not exists:
             raise CheckpointNotFoundError(f"the bucket {bucket!r} of {prefix} does not exist; "
                                           "create it first")
+        self._buckets.add(bucket)
 
     def writable(self, prefix: str) -> bool:
         """True: an object store tells about permissions only when writing (a denied
@@ -380,19 +398,28 @@ class ObjectSource:
         self.requests = 0  # GETs made (for tests and benchmarks)
 
     def prime(self) -> None:
-        """The first GET: the object's first :data:`HEAD_BYTES` bytes, size and ETag."""
+        """The first GET: the object's first bytes (the backend's ``head_hint``), size
+        and ETag; then, if that ended inside a safetensors header, the rest of it."""
         if self._size is not None:
             return
+        first = self._storage.head_hint
         if self._storage.s3:
             try:
-                self._head, self._size = self._s3_get(0, HEAD_BYTES, first=True)
+                self._head, self._size = self._s3_get(0, first, first=True)
             except _EmptyObject:
                 self._head, self._size = b"", 0
-            return
-        info = self._info()
-        self._size = int(info.get("size") or 0)
-        self._modified = _modified_ns(info) / 1e9 or None
-        self._head = self._get(0, min(HEAD_BYTES, self._size))
+        else:
+            info = self._info()
+            self._size = int(info.get("size") or 0)
+            self._modified = _modified_ns(info) / 1e9 or None
+            self._head = self._get(0, min(first, self._size))
+        if looks_like_safetensors(self._head[:SNIFF_BYTES]):
+            (length,) = struct.unpack_from("<Q", self._head)
+            end = 8 + length
+            if len(self._head) < end <= self._size:
+                self._head += self._get(len(self._head), end)
+            if end <= self._size:  # the next object of this store: the same size, likely
+                self._storage.head_hint = max(end, SNIFF_BYTES)
 
     def _info(self) -> dict[str, Any]:
         try:
@@ -406,9 +433,9 @@ class ObjectSource:
                              "object; pass the URL of an object")
         return info
 
-    def _s3_get(self, start: int, end: int, *, first: bool = False) -> tuple[bytes, int]:
-        """``bytes=start-(end-1)`` of the object with one GET (``If-Match`` the ETag of
-        the first); the bytes and the object's size."""
+    def _s3_request(self, start: int, end: int, *, first: bool = False) -> dict[str, Any]:
+        """Send ``GET bytes=start-(end-1)`` (``If-Match`` the ETag of the first GET);
+        the response, its body not read yet."""
         from fsspec.asyn import sync
 
         fs, bucket_key = self._fs, self._path.split("/", 1)
@@ -416,19 +443,11 @@ class ObjectSource:
             raise UsageError(f"{self.where} names a bucket, not a checkpoint object")
         bucket, key = bucket_key
         match = {} if self._etag is None else {"IfMatch": self._etag}
-
-        async def get() -> tuple[dict[str, Any], bytes]:
-            response = await fs._call_s3("get_object", Bucket=bucket, Key=key,
-                                         Range=f"bytes={start}-{end - 1}", **match)
-            body = response["Body"]
-            try:
-                return response, await body.read()
-            finally:
-                body.close()
-
         self.requests += 1
         try:
-            response, data = sync(fs.loop, get)
+            response: dict[str, Any] = sync(
+                fs.loop, fs._call_s3, "get_object", Bucket=bucket, Key=key,
+                Range=f"bytes={start}-{end - 1}", **match)
         except FileNotFoundError:
             if first and self._is_prefix():
                 raise UsageError(f"{self.where} is a prefix (a directory), not a checkpoint "
@@ -446,9 +465,55 @@ class ObjectSource:
             self._etag = response.get("ETag")
             modified = response.get("LastModified")
             self._modified = modified.timestamp() if isinstance(modified, datetime) else None
-        total = str(response.get("ContentRange", "")).rpartition("/")[2]
-        size = int(total) if total.isdigit() else start + len(data)
-        return data, size
+        return response
+
+    def _s3_chunks(self, start: int, end: int, *, first: bool = False
+                   ) -> Iterator[tuple[bytes, dict[str, Any]]]:
+        """Bytes ``start:end`` with one GET, in chunks as they arrive (so a whole load
+        never holds more than a chunk besides the tensors' own memory)."""
+        from fsspec.asyn import sync
+
+        response = self._s3_request(start, end, first=first)
+        body = response["Body"]
+        try:
+            while True:
+                try:
+                    chunk: bytes = sync(self._fs.loop, body.read, _CHUNK)
+                except (OSError, RuntimeError) as exc:  # the connection broke off
+                    raise CheckpointIOError(f"reading {self.where} failed: {exc}") from None
+                if not chunk:
+                    return
+                yield chunk, response
+        finally:
+            body.close()
+
+    def _s3_get(self, start: int, end: int, *, first: bool = False) -> tuple[bytes, int]:
+        """Bytes ``start:end`` (one GET) and the object's size."""
+        parts: list[bytes] = []
+        responses: list[dict[str, Any]] = []
+        for chunk, response in self._s3_chunks(start, end, first=first):
+            parts.append(chunk)
+            responses[:] = [response]
+        data = b"".join(parts)
+        total = str(responses[0].get("ContentRange", "") if responses else ""
+                    ).rpartition("/")[2]
+        return data, int(total) if total.isdigit() else start + len(data)
+
+    def _chunks(self, start: int, end: int) -> Iterator[bytes]:
+        """Bytes ``start:end`` as they arrive: on S3 one streamed GET, elsewhere GETs
+        of at most :data:`RUN_BYTES`."""
+        if self._storage.s3:
+            got = 0
+            for chunk, _ in self._s3_chunks(start, end):
+                got += len(chunk)
+                yield chunk
+            if got != end - start:
+                raise FormatError(f"{self.where}: truncated object: expected {end - start} "
+                                  f"bytes at offset {start}, got {got}; it is incomplete or "
+                                  "was replaced while being read - read it again")
+            return
+        for offset in range(start, end, RUN_BYTES):
+            yield self._get(offset, min(end, offset + RUN_BYTES))
 
     def _is_prefix(self) -> bool:
         try:
@@ -520,16 +585,15 @@ class ObjectSource:
 
     def fill(self, buffer: memoryview, start: int) -> None:
         """``buffer`` filled from the object at ``start``: the part the first GET already
-        holds is copied, the rest fetched in GETs of at most :data:`RUN_BYTES`."""
+        holds is copied, the rest streamed in with one GET."""
         done = 0
         if start < len(self._head):
             cached = self._head[start:start + len(buffer)]
             buffer[:len(cached)] = cached
             done = len(cached)
-        while done < len(buffer):
-            count = min(RUN_BYTES, len(buffer) - done)
-            buffer[done:done + count] = self._get(start + done, start + done + count)
-            done += count
+        for chunk in self._chunks(start + done, start + len(buffer)):
+            buffer[done:done + len(chunk)] = chunk
+            done += len(chunk)
 
     def views(self, container: Container, readahead: bool = True,
               on_ready: Ready | None = None) -> tuple[dict[str, memoryview], bool]:
@@ -543,31 +607,125 @@ class ObjectSource:
 
     def _stream_all(self, container: Container, on_ready: Ready | None
                     ) -> dict[str, memoryview]:
-        """Every tensor, in runs of about :data:`RUN_BYTES` into memory of its own; the
-        next run downloads while this one is announced (and hashed)."""
+        """Every tensor, streamed with one GET into runs of about :data:`RUN_BYTES` of
+        memory each (the tensors' own), each tensor announced (and hashed) as soon as
+        its last byte lands."""
         runs: list[list[Entry]] = []
-        for entry in container.entries.values():  # in file order
+        for entry in container.entries.values():  # in file order, no gaps
             if not runs or entry.end - runs[-1][0].start > RUN_BYTES:
                 runs.append([])
             runs[-1].append(entry)
+        buffers = [owned_buffer(run[-1].end - run[0].start) for run in runs]
         views: dict[str, memoryview] = {}
+        ordered = [(e, i) for i, run in enumerate(runs) for e in run]
+        state = {"at": container.header_bytes, "run": 0, "next": 0}
 
-        def fetch(run: list[Entry]) -> memoryview:
-            buffer = owned_buffer(run[-1].end - run[0].start)
-            self.fill(buffer, run[0].start)
-            return buffer
+        def place(data: memoryview) -> None:
+            while len(data):
+                index = state["run"]
+                run, buffer = runs[index], buffers[index]
+                offset = state["at"] - run[0].start
+                count = min(len(data), len(buffer) - offset)
+                buffer[offset:offset + count] = data[:count]
+                state["at"] += count
+                data = data[count:]
+                if offset + count == len(buffer):
+                    state["run"] += 1
+            while state["next"] < len(ordered):  # announce every tensor now complete
+                entry, index = ordered[state["next"]]
+                if entry.end > state["at"]:
+                    break
+                start = entry.start - runs[index][0].start
+                views[entry.name] = buffers[index][start:start + entry.nbytes]
+                if on_ready is not None:
+                    on_ready(entry.name, views[entry.name])
+                state["next"] += 1
 
-        with ThreadPoolExecutor(1, thread_name_prefix="vgs_ckpt-get") as pool:
-            ahead: Future[memoryview] | None = pool.submit(fetch, runs[0])
-            for index, run in enumerate(runs):
-                assert ahead is not None
-                data = ahead.result()
-                ahead = pool.submit(fetch, runs[index + 1]) if index + 1 < len(runs) else None
-                for e in run:
-                    views[e.name] = data[e.start - run[0].start:e.end - run[0].start]
-                    if on_ready is not None:
-                        on_ready(e.name, views[e.name])
+        if container.header_bytes < len(self._head):
+            place(memoryview(self._head)[container.header_bytes:container.total_bytes])
+        for chunk in self._chunks(state["at"], container.total_bytes):
+            place(memoryview(chunk))
         return views
+
+
+class _Upload:
+    """A forward-only stream that becomes one S3 object on :meth:`close`: one PUT when
+    it is smaller than :data:`PART_BYTES`, else a multipart upload whose parts go up
+    :data:`UPLOADS` at a time while the writer goes on (memory: that many parts), and
+    whose completion is the last request. ``exclusive`` sends ``If-None-Match: *`` with
+    the PUT or the completion. :meth:`discard` aborts the multipart upload."""
+
+    def __init__(self, fs: Any, path: str, exclusive: bool) -> None:
+        self._fs, self._path = fs, path
+        self._bucket, _, self._key = path.partition("/")
+        self._match = {"IfNoneMatch": "*"} if exclusive else {}
+        self._buffer = bytearray()
+        self._upload_id: str | None = None
+        self._parts: list[Future[dict[str, Any]]] = []
+        self._pool: ThreadPoolExecutor | None = None
+        self.closed = False
+
+    def write(self, data: bytes | memoryview) -> int:
+        self._buffer += data
+        while len(self._buffer) >= PART_BYTES:
+            part = bytes(self._buffer[:PART_BYTES])
+            del self._buffer[:PART_BYTES]
+            self._send(part)
+        return len(data)
+
+    def _send(self, part: bytes) -> None:
+        if self._upload_id is None:
+            self._upload_id = self._fs.call_s3("create_multipart_upload", Bucket=self._bucket,
+                                               Key=self._key)["UploadId"]
+            self._pool = ThreadPoolExecutor(UPLOADS, thread_name_prefix="vgs_ckpt-upload")
+        assert self._pool is not None
+        in_flight = [f for f in self._parts if not f.done()]
+        if len(in_flight) >= UPLOADS:  # back-pressure: at most UPLOADS parts in memory
+            wait(in_flight, return_when=FIRST_COMPLETED)
+        for done in self._parts:
+            if done.done():
+                done.result()  # a failed part fails the write now
+        number = len(self._parts) + 1
+        self._parts.append(self._pool.submit(self._part, number, part))
+
+    def _part(self, number: int, data: bytes) -> dict[str, Any]:
+        out = self._fs.call_s3("upload_part", Bucket=self._bucket, Key=self._key,
+                               UploadId=self._upload_id, PartNumber=number, Body=data)
+        return {"PartNumber": number, "ETag": out["ETag"]}
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        if self._upload_id is None:  # small: one PUT
+            self._fs.call_s3("put_object", Bucket=self._bucket, Key=self._key,
+                             Body=bytes(self._buffer), **self._match)
+        else:
+            if self._buffer:
+                self._send(bytes(self._buffer))
+            parts = [f.result() for f in self._parts]
+            self._fs.call_s3("complete_multipart_upload", Bucket=self._bucket, Key=self._key,
+                             UploadId=self._upload_id, MultipartUpload={"Parts": parts},
+                             **self._match)
+            self._shutdown()
+        self._buffer = bytearray()
+        self.closed = True
+        self._fs.invalidate_cache(self._path)
+
+    def discard(self) -> None:
+        if self._upload_id is not None:
+            for future in self._parts:
+                future.cancel()
+            self._shutdown()
+            self._fs.call_s3("abort_multipart_upload", Bucket=self._bucket, Key=self._key,
+                             UploadId=self._upload_id)
+            self._upload_id = None
+        self._buffer = bytearray()
+        self.closed = True
+
+    def _shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
 
 class _EmptyObject(Exception):
