@@ -19,8 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import socket
 import statistics
+import subprocess
 import sys
 import time
 import uuid
@@ -31,12 +34,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.s3server
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # codec.member
 
-import torch  # noqa: E402
+import torch
+from codec import member, parse_size
 
-import vgs_ckpt  # noqa: E402
-from codec import member, parse_size  # noqa: E402
-from tests.s3server import S3Server  # noqa: E402
-from vgs_ckpt.pbt import CheckpointStore  # noqa: E402
+import vgs_ckpt
+from tests.s3server import REGION, S3Server
+from vgs_ckpt.pbt import CheckpointStore
 
 torch.set_num_threads(1)
 
@@ -57,12 +60,50 @@ def tensor_bytes(tree: Any) -> int:
     return 0
 
 
-def run_size(server: S3Server, num_params: int, repeat: int) -> dict[str, Any]:
-    fs = server.filesystem()
-    options = server.storage_options
-    bucket = server.bucket()
+class OutOfProcessServer:
+    """moto's server in a process of its own, for the timings (in this process, its
+    Python would compete with the client's for the interpreter lock)."""
+
+    def __init__(self) -> None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    raise RuntimeError("moto's server did not start") from None
+                time.sleep(0.2)
+        self.storage_options = {"key": "testing", "secret": "testing",
+                                "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{self.port}",
+                                                  "region_name": REGION},
+                                "use_listings_cache": False}
+
+    def filesystem(self) -> Any:
+        import s3fs
+        return s3fs.S3FileSystem(**self.storage_options)
+
+    def bucket(self) -> str:
+        name = f"b-{uuid.uuid4().hex[:12]}"
+        self.filesystem().mkdir(name)
+        return name
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(30)
+
+
+def run_size(server: S3Server, timing: OutOfProcessServer, num_params: int, repeat: int
+             ) -> dict[str, Any]:
     params = member(num_params)
     data = vgs_ckpt.save_bytes(params, step=1)
+    fs, options, bucket = timing.filesystem(), timing.storage_options, timing.bucket()
     ours, plain = f"s3://{bucket}/ours.safetensors", f"s3://{bucket}/plain.safetensors"
     saves, puts, loads, cats = [], [], [], []
     for _ in range(repeat):  # alternating, so drift hits both alike
@@ -72,6 +113,11 @@ def run_size(server: S3Server, num_params: int, repeat: int) -> dict[str, Any]:
         loads.append(timed(lambda: vgs_ckpt.load(ours, storage_options=options)))
         cats.append(timed(lambda: fs.cat(plain)))
 
+    # Requests and bytes, counted by the recording server.
+    options, bucket = server.storage_options, server.bucket()
+    ours = f"s3://{bucket}/ours.safetensors"
+    vgs_ckpt.save(ours, params, step=1, storage_options=options)
+    vgs_ckpt.read_header(ours, storage_options=options)  # as a store's listing would
     mark = server.mark()
     with vgs_ckpt.open(ours, storage_options=options) as reader:
         reader["policy"]
@@ -135,12 +181,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     rows = []
-    with S3Server() as server:
-        for size in args.sizes.split(","):
-            print(f"{size} parameters ...", file=sys.stderr, flush=True)
-            rows.append(run_size(server, parse_size(size), args.repeat))
-    print(f"machine: {platform.machine()}, {platform.python_version()}, moto on 127.0.0.1, "
-          f"s3fs; median of {args.repeat} alternating runs")
+    timing = OutOfProcessServer()
+    try:
+        with S3Server() as server:
+            for size in args.sizes.split(","):
+                print(f"{size} parameters ...", file=sys.stderr, flush=True)
+                rows.append(run_size(server, timing, parse_size(size), args.repeat))
+    finally:
+        timing.stop()
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python "
+          f"{platform.python_version()}; moto's S3 server on 127.0.0.1 (its own process for "
+          f"the timings), s3fs; median of {args.repeat} alternating runs")
     print(table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "id": uuid.uuid4().hex},

@@ -96,3 +96,18 @@ def test_codec_benchmark_writer_section_runs(tmp_path: Path) -> None:
     assert set(rows) >= {"seekable (LocalStorage)", "one pass (seekable_writes=False)",
                          "one pass durable", "seekable durable"}
     assert rows["seekable (LocalStorage)"][0].strip() == "1.00x"
+
+
+@pytest.mark.s3
+def test_s3_benchmark_quick_runs(tmp_path: Path) -> None:
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto")
+    out = tmp_path / "s3.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "s3.py"), "--sizes", "1M",
+                    "--repeat", "1", "--json", str(out)], check=True, timeout=300,
+                   capture_output=True)
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["lazy_policy_requests"] <= 3 and row["lazy_policy_bytes_ratio"] <= 1.05
+    assert row["exploit_server_side_copies"] >= 1
+    assert row["exploit_client_bytes"] < row["file_bytes"] / 10
+    assert row["save_ratio"] > 0 and row["load_ratio"] > 0

@@ -74,11 +74,11 @@ logger = logging.getLogger("vgs_ckpt")
 # and a header-only read (the store's listings) brings few tensor bytes along.
 HEAD_BYTES = 16 * 1024
 RUN_BYTES = 16 * 1024 * 1024  # a whole load downloads in ranged GETs of this size
-PART_BYTES = 32 * 1024 * 1024  # multipart upload part size (one PUT below it)
+PART_BYTES = 64 * 1024 * 1024  # multipart upload part size (one PUT below it)
 UPLOADS = 4  # parts of one upload in flight at once
 MIN_UPLOAD_AGE = 3600.0  # an incomplete upload younger than this may have a live writer
 _MERGE_GAP = 4096  # tensors asked for together are read in one GET across gaps this small
-_CHUNK = 1024 * 1024  # a streamed GET is copied into the tensors' memory in chunks this big
+_CHUNK = 8 * 1024 * 1024  # a streamed GET is copied into the tensors' memory in chunks this big
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 # Filesystems whose files become visible whole, on close (and never before).
 _PUBLISH_ON_CLOSE = frozenset({"s3", "s3a", "gs", "gcs", "abfs", "abfss", "az"})
@@ -659,19 +659,37 @@ class _Upload:
         self._fs, self._path = fs, path
         self._bucket, _, self._key = path.partition("/")
         self._match = {"IfNoneMatch": "*"} if exclusive else {}
-        self._buffer = bytearray()
+        # What was written and not sent yet, as views of the writer's own bytes (they
+        # stay valid until commit() returns): copied once, into the request body.
+        self._pending: list[memoryview] = []
+        self._pending_bytes = 0
         self._upload_id: str | None = None
         self._parts: list[Future[dict[str, Any]]] = []
         self._pool: ThreadPoolExecutor | None = None
         self.closed = False
 
     def write(self, data: bytes | memoryview) -> int:
-        self._buffer += data
-        while len(self._buffer) >= PART_BYTES:
-            part = bytes(self._buffer[:PART_BYTES])
-            del self._buffer[:PART_BYTES]
-            self._send(part)
-        return len(data)
+        view = memoryview(data).cast("B")
+        self._pending.append(view)
+        self._pending_bytes += len(view)
+        while self._pending_bytes >= PART_BYTES:
+            self._send(self._take(PART_BYTES))
+        return len(view)
+
+    def _take(self, count: int) -> bytes:
+        """The first ``count`` pending bytes, joined (the one copy)."""
+        pieces, taken = [], 0
+        while taken < count:
+            view = self._pending[0]
+            piece = view[:count - taken]
+            pieces.append(piece)
+            taken += len(piece)
+            if len(piece) == len(view):
+                self._pending.pop(0)
+            else:
+                self._pending[0] = view[len(piece):]
+        self._pending_bytes -= taken
+        return b"".join(pieces)
 
     def _send(self, part: bytes) -> None:
         if self._upload_id is None:
@@ -698,16 +716,15 @@ class _Upload:
             return
         if self._upload_id is None:  # small: one PUT
             self._fs.call_s3("put_object", Bucket=self._bucket, Key=self._key,
-                             Body=bytes(self._buffer), **self._match)
+                             Body=self._take(self._pending_bytes), **self._match)
         else:
-            if self._buffer:
-                self._send(bytes(self._buffer))
+            if self._pending_bytes:
+                self._send(self._take(self._pending_bytes))
             parts = [f.result() for f in self._parts]
             self._fs.call_s3("complete_multipart_upload", Bucket=self._bucket, Key=self._key,
                              UploadId=self._upload_id, MultipartUpload={"Parts": parts},
                              **self._match)
             self._shutdown()
-        self._buffer = bytearray()
         self.closed = True
         self._fs.invalidate_cache(self._path)
 
@@ -719,7 +736,7 @@ class _Upload:
             self._fs.call_s3("abort_multipart_upload", Bucket=self._bucket, Key=self._key,
                              UploadId=self._upload_id)
             self._upload_id = None
-        self._buffer = bytearray()
+        self._pending, self._pending_bytes = [], 0
         self.closed = True
 
     def _shutdown(self) -> None:
