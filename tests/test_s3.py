@@ -495,3 +495,39 @@ def test_save_bytes_matches_an_s3_object(server: S3Server, bucket: str) -> None:
                   storage_options=server.storage_options)
     data = vgs_ckpt.save_bytes(params, step=1, created_at="2026-01-01T00:00:00Z")
     assert io.BytesIO(server.filesystem().cat(url)).read() == data
+
+
+def test_upgrade_reads_and_writes_urls(server: S3Server, bucket: str) -> None:
+    """`vgs-ckpt upgrade s3://.../legacy/ --out s3://.../upgraded/`: a legacy torch file
+    on S3 becomes a v2 file next to it, with its provenance."""
+    from vgs_ckpt.upgrades.files import upgrade_files
+
+    buffer = io.BytesIO()
+    torch.save({"w": torch.ones(3), "b": torch.zeros(2)}, buffer)
+    fs = server.filesystem()
+    fs.pipe(f"{bucket}/legacy/member_0_step_100.pt", buffer.getvalue())
+    results = upgrade_files([f"s3://{bucket}/legacy"], out=f"s3://{bucket}/upgraded",
+                            in_place=False, storage_options=server.storage_options)
+    assert [r.result for r in results] == ["upgraded"], results
+    target = f"s3://{bucket}/upgraded/member_0_step_100.safetensors"
+    assert results[0].target == target
+    loaded = vgs_ckpt.load(target, storage_options=server.storage_options)
+    assert torch.equal(loaded.parameters["policy"]["w"], torch.ones(3))
+    assert loaded.header.provenance
+
+
+def test_an_object_smaller_than_the_first_read_takes_one_get(server: S3Server,
+                                                             bucket: str) -> None:
+    url = f"s3://{bucket}/tiny.safetensors"
+    params = {"policy": {"w": torch.ones(4)}}
+    vgs_ckpt.save(url, params, step=1, storage_options=server.storage_options)
+    mark = server.mark()
+    assert same(vgs_ckpt.load(url, storage_options=server.storage_options).parameters, params)
+    assert len(server.since(mark)) == 1
+    # The backend has learnt the header's size: the next open reads exactly the header,
+    # then the policy.
+    with vgs_ckpt.open(url, storage_options=server.storage_options) as reader:
+        assert same(reader["policy"], params["policy"])
+    end = 8 + int.from_bytes(server.filesystem().cat_file(url, start=0, end=8), "little")
+    assert [r.range for r in server.since(mark)[1:]] == [f"bytes=0-{end - 1}",
+                                                          f"bytes={end}-{end + 15}"]

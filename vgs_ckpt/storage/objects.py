@@ -502,6 +502,8 @@ class ObjectSource:
     def _chunks(self, start: int, end: int) -> Iterator[bytes]:
         """Bytes ``start:end`` as they arrive: on S3 one streamed GET, elsewhere GETs
         of at most :data:`RUN_BYTES`."""
+        if end <= start:  # all of it came with the first GET
+            return
         if self._storage.s3:
             got = 0
             for chunk, _ in self._s3_chunks(start, end):
