@@ -422,12 +422,34 @@ def test_sigkill_mid_upload_leaves_no_visible_object_and_the_sweep_aborts_it(
     fs = server.filesystem()
     assert not fs.exists(url)  # nothing visible
     assert [u["Key"] for u in fs.list_multipart_uploads(bucket)] == [url.split("/", 3)[3]]
+    backend, _ = resolve(root, storage_options=options)
+    assert backend.sweep(root, recursive=True, dry_run=True, min_age=0) == [url]
+    assert fs.list_multipart_uploads(bucket) != []  # a dry run aborts nothing
+    # Opening the store sweeps uploads older than an hour. (moto reports every upload
+    # as initiated in 2010, so this one qualifies; the age bound is tested below.)
     store = CheckpointStore(root, storage_options=options)
-    assert store.swept == []  # too young for the automatic sweep: it may be a live writer
+    assert store.swept == [url]
     assert store.latest("m") is None
-    assert store.storage.sweep(root, recursive=True, dry_run=True, min_age=0) == [url]
-    assert store.storage.sweep(root, recursive=True, min_age=0) == [url]
     assert fs.list_multipart_uploads(bucket) == []
+
+
+def test_the_sweep_leaves_young_uploads_to_their_writers(
+        server: S3Server, bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    backend, root = resolve(f"s3://{bucket}/young", storage_options=server.storage_options)
+    assert isinstance(backend, FsspecStorage)
+    now = datetime.now(UTC)
+    uploads = [{"Key": "young/m/a.safetensors", "UploadId": "1", "Initiated": now},
+               {"Key": "young/m/b.safetensors", "UploadId": "2",
+                "Initiated": now - timedelta(hours=2)},
+               {"Key": "young/m/notes.txt", "UploadId": "3",
+                "Initiated": now - timedelta(hours=2)}]
+    monkeypatch.setattr(backend, "_uploads", lambda *args: uploads)
+    assert backend.sweep(root, recursive=True, dry_run=True) == [f"{root}/m/b.safetensors"]
+    assert backend.sweep(root, recursive=True, dry_run=True, min_age=0) == [
+        f"{root}/m/a.safetensors", f"{root}/m/b.safetensors"]  # never anything else
+    assert backend.sweep(root, dry_run=True, min_age=0) == []  # not recursive: not below
 
 
 def test_a_population_on_s3_is_killed_and_resumes_with_nothing_lost(

@@ -167,7 +167,12 @@ class CheckpointStore:
     def sweep(self, *, dry_run: bool = False) -> list[Path | str]:
         """Remove the temp files of dead vgs_ckpt writers in the store's directories
         (the root, each member's directory and its ``_exploits``); returns what was
-        (or would be) removed. Nothing else, and nothing deeper, is touched."""
+        (or would be) removed. Nothing else, and nothing deeper, is touched. On an
+        object store: abort the incomplete uploads below the root that are older than
+        an hour (:data:`~vgs_ckpt.storage.objects.MIN_UPLOAD_AGE`)."""
+        if not self._local:  # an object store: one listing of incomplete uploads
+            return [self._path(key) for key in
+                    self.storage.sweep(self._key(), recursive=True, dry_run=dry_run)]
         directories = [self._key()]
         for member_id in self._member_dirs():
             directories += [self._key(member_id), self._key(member_id, _EXPLOITS)]
