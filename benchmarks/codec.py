@@ -498,6 +498,8 @@ def main() -> None:
         child(args.child[0], int(args.child[1]), Path(args.child[2]))
         return
     print(f"machine: {machine()}\n", flush=True)
+    if args.dir is not None:
+        Path(args.dir).mkdir(parents=True, exist_ok=True)  # a new directory is fine
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         for size in args.sizes:
             if args.only in (None, "codec"):

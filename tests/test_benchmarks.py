@@ -91,6 +91,15 @@ def test_codec_benchmark_async_section_runs(tmp_path: Path) -> None:
     assert float(rows["save_async"][2]) > 0.5  # the snapshot holds the tensor bytes
 
 
+def test_codec_benchmark_creates_a_missing_dir(tmp_path: Path) -> None:
+    target = tmp_path / "new" / "dir"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "codec.py"), "--sizes",
+                           "50K", "--repeat", "1", "--only", "writer", "--dir", str(target)],
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert target.is_dir()
+
+
 def test_codec_benchmark_writer_section_runs(tmp_path: Path) -> None:
     rows = _codec_rows(tmp_path, "writer")
     assert set(rows) >= {"seekable (LocalStorage)", "one pass (seekable_writes=False)",

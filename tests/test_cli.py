@@ -69,6 +69,18 @@ def test_schema_writes_and_checks(tmp_path: Path) -> None:
     assert main(["schema", "--out", str(out), "--check"]) == 1
 
 
+def test_schema_check_of_missing_files_says_they_are_missing(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Outside a checkout (or from the wheel) there is no schema/ to check: say so,
+    not "out of date"."""
+    assert main(["schema", "--out", str(tmp_path / "nowhere"), "--check"]) == 1
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "out of date" not in err
+    (tmp_path / "some").mkdir()
+    assert main(["schema", "--out", str(tmp_path / "some"), "--check"]) == 1
+    assert "lacks" in capsys.readouterr().err
+
+
 def test_python_dash_m_entry_point(ckpt_file: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "vgs_ckpt", "verify", str(ckpt_file)],
                           capture_output=True, text=True, check=False)
@@ -101,3 +113,22 @@ def test_inspect_piped_into_head_exits_quietly(tmp_path: Path) -> None:
                           shell=True, capture_output=True, text=True, check=True)
     assert proc.stdout.startswith("file")
     assert "Traceback" not in proc.stderr and "Broken pipe" not in proc.stderr
+
+
+def test_cli_errors_share_one_form(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Every command's failure: exit 1 and one line `error: ...` saying how to fix it."""
+    assert main(["sweep", str(tmp_path / "nosuchdir")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "is not a directory" in err
+    assert main(["verify", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "is a directory" in err and "Errno" not in err
+
+
+def test_upgrade_summary_counts_one_file(tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "one.safetensors"
+    vgs_ckpt.save(path, {"policy": {"w": torch.ones(2)}}, step=1)
+    assert main(["upgrade", str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "1 file: 1 ok" in out and "1 files" not in out

@@ -17,7 +17,7 @@ from vgs_ckpt import loading, reader
 from vgs_ckpt._dtypes import BY_CODE
 from vgs_ckpt.errors import UsageError, VgsCkptError
 from vgs_ckpt.pbt.store import unreadable_checkpoints
-from vgs_ckpt.schema import schema_drift, write_schemas
+from vgs_ckpt.schema import missing_schemas, schema_drift, write_schemas
 from vgs_ckpt.storage import LocalStorage, resolve
 from vgs_ckpt.storage.local import MIN_TEMP_AGE
 from vgs_ckpt.storage.objects import MIN_UPLOAD_AGE
@@ -242,7 +242,7 @@ def _upgrade(args: argparse.Namespace) -> int:
             for r in results]
     print(_table(rows, ["file", "from", "to", "steps applied", "result"]))
     failed = sum(r.failed for r in results)
-    print(f"\n{len(results)} files: {len(results) - failed} ok, {failed} failed"
+    print(f"\n{_count(len(results), 'file')}: {len(results) - failed} ok, {failed} failed"
           + (" (dry run: nothing written)" if args.dry_run else ""))
     return 1 if failed else 0
 
@@ -255,6 +255,10 @@ def _demo(args: argparse.Namespace) -> int:
                      plot_path=args.plot)
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def _basename(path: Path | str) -> str:
     return path.name if isinstance(path, Path) else path.rstrip("/").rsplit("/", 1)[-1]
 
@@ -262,8 +266,8 @@ def _basename(path: Path | str) -> str:
 def _sweep(args: argparse.Namespace) -> int:
     storage, root = resolve(args.dir, storage_options=_options(args), function="sweep")
     if isinstance(storage, LocalStorage) and not Path(root).is_dir():
-        print(f"vgs-ckpt sweep: {root} is not a directory", file=sys.stderr)
-        return 2
+        raise UsageError(f"{root} is not a directory; pass the checkpoint directory to "
+                         "sweep")
     local = isinstance(storage, LocalStorage)
     min_age = args.min_age if args.min_age is not None else (
         MIN_TEMP_AGE if local else MIN_UPLOAD_AGE)
@@ -283,6 +287,14 @@ def _sweep(args: argparse.Namespace) -> int:
 
 def _schema(args: argparse.Namespace) -> int:
     if args.check:
+        missing = missing_schemas(args.out)
+        if missing:
+            where = (f"{args.out} does not exist" if not Path(args.out).is_dir() else
+                     f"{args.out} lacks {', '.join(missing)}")
+            print(f"no schema files to check: {where}; write them with `vgs-ckpt schema "
+                  f"--out {args.out}` (a checkout of vgs_ckpt has them in schema/)",
+                  file=sys.stderr)
+            return 1
         drift = schema_drift(args.out)
         if drift:
             print(f"schema files out of date in {args.out}: {', '.join(drift)}; "

@@ -28,7 +28,7 @@ CheckpointExistsError      (a CheckpointIOError) an exclusive write found     Fi
                            its key taken; nothing was written
 =========================  =================================================  =============
 
-``SchemaError`` and ``TreeError`` (before 0.4) are merged: a schema or tree
+``SchemaError`` and ``TreeError`` (earlier development versions) are merged: a schema or tree
 violation read from a file is a :class:`FormatError`, one passed to ``save`` a
 :class:`UsageError`. The old names still work in ``except`` clauses (they are
 the tuple of both, with a :class:`DeprecationWarning`).

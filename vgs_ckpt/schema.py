@@ -7,7 +7,7 @@ from pathlib import Path
 
 from vgs_ckpt.models import json_schemas
 
-__all__ = ["render_schemas", "schema_drift", "write_schemas"]
+__all__ = ["missing_schemas", "render_schemas", "schema_drift", "write_schemas"]
 
 
 def render_schemas() -> dict[str, str]:
@@ -26,6 +26,12 @@ def write_schemas(directory: str | Path) -> list[Path]:
         path.write_text(text, encoding="utf-8")
         written.append(path)
     return written
+
+
+def missing_schemas(directory: str | Path) -> list[str]:
+    """Names of schema files that ``directory`` does not have at all."""
+    out = Path(directory)
+    return [name for name in render_schemas() if not (out / name).is_file()]
 
 
 def schema_drift(directory: str | Path) -> list[str]:
