@@ -51,6 +51,7 @@ __all__ = [
     "InvalidVGSStateWarning",
     "LegacyFormatWarning",
     "MissingDependencyError",
+    "PartialStateWarning",
     "UnsafeCheckpointError",
     "UnsupportedTypeError",
     "UnsupportedVersionError",
@@ -119,6 +120,11 @@ class CheckpointExistsError(CheckpointIOError, FileExistsError):
 
 class LegacyFormatWarning(UserWarning):
     """A checkpoint in a legacy format (or with an old VGS state) was upgraded on load."""
+
+
+class PartialStateWarning(UserWarning):
+    """A state was restored from a tree that lacks some of its parts (a policy-only
+    checkpoint, one saved without the env): those parts keep their current state."""
 
 
 class InvalidVGSStateWarning(UserWarning):

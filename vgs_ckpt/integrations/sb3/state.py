@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vgs_ckpt.errors import UsageError
+from vgs_ckpt.errors import PartialStateWarning, UsageError, warn
 from vgs_ckpt.integrations.sb3._base import (
     COUNTERS_KEY,
     EXPLORATION_KEY,
@@ -50,7 +50,6 @@ from vgs_ckpt.integrations.sb3._base import (
     VGS_PENDING_KEY,
     BaseAlgorithm,
     check_model,
-    logger,
     recursive_getattr,
 )
 from vgs_ckpt.integrations.sb3.hooks import vgs_scaler
@@ -375,9 +374,9 @@ def set_state(model: Any, tree: Mapping[str, Any], *,
     if normalizer_state is not None:
         steps.append(_plan_vec_normalize(normalizer, normalizer_state, kind))
     elif normalizer is not None:
-        logger.warning("set_state: the tree has no %s statistics; this %s keeps its own "
-                       "(a checkpoint saved without the env, or from a member without "
-                       "VecNormalize)", VEC_NORMALIZE_KEY, kind)
+        warn(f"set_state: the tree has no {VEC_NORMALIZE_KEY} statistics; this {kind} keeps "
+             "its own (a checkpoint saved without the env, or from a member without "
+             "VecNormalize)", PartialStateWarning)
     if buffer_state is not None:
         steps.append(_plan_replay_buffer(algo, buffer_state))
     if restore_counters:
@@ -389,7 +388,8 @@ def set_state(model: Any, tree: Mapping[str, Any], *,
 
     missing = [name for name in names if name not in parts]
     if missing:
-        logger.warning("set_state: the tree has no %s; this %s keeps its own", missing, kind)
+        warn(f"set_state: the tree has no {missing}; this {kind} keeps its own",
+             PartialStateWarning)
     algo.set_parameters(parts, exact_match=not missing, device=algo.device)
     with torch.no_grad():
         for name, value in variables.items():
@@ -542,8 +542,8 @@ def _plan_replay_buffer(algo: BaseAlgorithm, state: Any) -> Callable[[], None]:
 
 def _plan_counters(algo: BaseAlgorithm, counters: Any) -> Callable[[], None]:
     if counters is None:
-        logger.warning("set_state: the tree has no %s; this %s keeps its own (a checkpoint "
-                       "from before vgs_ckpt 0.6)", COUNTERS_KEY, type(algo).__name__)
+        warn(f"set_state: the tree has no {COUNTERS_KEY}; this {type(algo).__name__} keeps "
+             "its own (a checkpoint from before vgs_ckpt 0.6)", PartialStateWarning)
         return lambda: None
     if not isinstance(counters, Mapping):
         raise UsageError(f"{COUNTERS_KEY} must be a mapping, got {counters!r}")
@@ -605,8 +605,8 @@ def _plan_space(where: str, space: Any, state: Any, steps: list[Callable[[], Non
 def _plan_rng(algo: BaseAlgorithm, venv: Any, rng: Any) -> Callable[[], None]:
     kind = type(algo).__name__
     if rng is None:
-        logger.warning("set_state(restore_rng=True): the tree has no %s; this %s keeps its "
-                       "own generators", RNG_KEY, kind)
+        warn(f"set_state(restore_rng=True): the tree has no {RNG_KEY}; this {kind} keeps "
+             "its own generators", PartialStateWarning)
         return lambda: None
     if not isinstance(rng, Mapping):
         raise UsageError(f"{RNG_KEY} must be a mapping, got {rng!r}")
@@ -637,17 +637,17 @@ def _plan_rng(algo: BaseAlgorithm, venv: Any, rng: Any) -> Callable[[], None]:
         if torch.cuda.is_available() and torch.cuda.device_count() == len(cuda):
             steps.append(lambda: torch.cuda.set_rng_state_all([t.cpu() for t in cuda]))
         else:
-            logger.warning("set_state: the tree has the generators of %d CUDA device(s), this "
-                           "process has %d; they are not restored", len(cuda),
-                           torch.cuda.device_count() if torch.cuda.is_available() else 0)
+            devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            warn(f"set_state: the tree has the generators of {len(cuda)} CUDA device(s), "
+                 f"this process has {devices}; they are not restored", PartialStateWarning)
     _plan_space(f"{RNG_KEY}.action_space", algo.action_space, rng.get("action_space"), steps)
     _plan_space(f"{RNG_KEY}.observation_space", algo.observation_space,
                 rng.get("observation_space"), steps)
     envs = rng.get("envs")
     if envs is not None and venv is not None:
         if len(envs) != venv.num_envs:
-            logger.warning("set_state: the tree has the generators of %d env(s), this %s has "
-                           "%d; the envs keep their own", len(envs), kind, venv.num_envs)
+            warn(f"set_state: the tree has the generators of {len(envs)} env(s), this {kind} "
+                 f"has {venv.num_envs}; the envs keep their own", PartialStateWarning)
         else:
             for i, state in enumerate(envs):
                 if state is not None:
