@@ -123,14 +123,7 @@ def trainable(config: dict[str, Any], events: str, options: dict[str, Any]) -> N
     gen = torch.Generator().manual_seed(config.get("seed", 0) + iteration)
     while True:
         iteration += 1
-        for _ in range(ray_tune_pbt.STEPS_PER_ITERATION):
-            x = torch.randn(32, 4, generator=gen)
-            y = torch.sin(x.sum(dim=1, keepdim=True))
-            learner.train_step(lambda x=x, y=y: (learner.policy(x) - y).pow(2).mean())
-        with torch.no_grad():
-            x = torch.randn(256, 4, generator=gen)
-            loss = float((learner.policy(x) - torch.sin(x.sum(dim=1, keepdim=True))
-                          ).pow(2).mean())
+        loss = ray_tune_pbt.train_iteration(learner, gen)
         digest = ray_tune_pbt.state_digest(learner)
         write_event(events, options, {"kind": "report", "trial": trial, "node": node,
                                       "time": time.time(), "iteration": iteration,

@@ -51,6 +51,17 @@ def state_digest(learner: TorchLearner) -> str:
     return h.hexdigest()
 
 
+def train_iteration(learner: TorchLearner, gen: torch.Generator) -> float:
+    """One iteration: STEPS_PER_ITERATION steps, then the loss on a fresh batch."""
+    for _ in range(STEPS_PER_ITERATION):
+        x = torch.randn(32, 4, generator=gen)
+        y = torch.sin(x.sum(dim=1, keepdim=True))
+        learner.train_step(lambda x=x, y=y: (learner.policy(x) - y).pow(2).mean())
+    with torch.no_grad():
+        x = torch.randn(256, 4, generator=gen)
+        return float((learner.policy(x) - torch.sin(x.sum(dim=1, keepdim=True))).pow(2).mean())
+
+
 def trainable(config: dict[str, Any]) -> None:
     learner = make_learner(config)
     restored = ray_tune.restore(config)
@@ -67,13 +78,7 @@ def trainable(config: dict[str, Any]) -> None:
     gen = torch.Generator().manual_seed(config.get("seed", 0) + iteration)
     while True:
         iteration += 1
-        for _ in range(STEPS_PER_ITERATION):
-            x = torch.randn(32, 4, generator=gen)
-            y = torch.sin(x.sum(dim=1, keepdim=True))
-            learner.train_step(lambda x=x, y=y: (learner.policy(x) - y).pow(2).mean())
-        with torch.no_grad():
-            x = torch.randn(256, 4, generator=gen)
-            loss = float((learner.policy(x) - torch.sin(x.sum(dim=1, keepdim=True))).pow(2).mean())
+        loss = train_iteration(learner, gen)
         metrics = {"loss": loss, "iteration": iteration, "saved_digest": state_digest(learner),
                    "optimizer_lr": learner.optimizer.param_groups[0]["lr"],
                    "vgs_alpha_in_use": learner.vgs.alpha,

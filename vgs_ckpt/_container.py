@@ -106,6 +106,26 @@ def notify(views: dict[str, memoryview], on_ready: Ready | None) -> None:
             on_ready(name, view)
 
 
+def empty_views(container: Container, on_ready: Ready | None
+                ) -> tuple[dict[str, memoryview], bool]:
+    """``Source.views`` of a container whose tensors hold no bytes at all."""
+    views = {name: memoryview(b"") for name in container.entries}
+    notify(views, on_ready)
+    return views, False
+
+
+def runs(container: Container, limit: int) -> list[list[Entry]]:
+    """The container's tensors in file order, grouped into runs that span at most
+    ``limit`` bytes each (a larger tensor is a run of its own): what a reader reads
+    into one piece of memory."""
+    grouped: list[list[Entry]] = []
+    for entry in container.entries.values():
+        if not grouped or entry.end - grouped[-1][0].start > limit:
+            grouped.append([])
+        grouped[-1].append(entry)
+    return grouped
+
+
 class BytesSource:
     def __init__(self, data: bytes | bytearray | memoryview, where: str = "<bytes>") -> None:
         view = memoryview(data)

@@ -46,16 +46,15 @@ import numpy as np
 import torch
 
 from vgs_ckpt._tree import Array
-from vgs_ckpt.errors import CheckpointExistsError, UsageError
+from vgs_ckpt.errors import UsageError
 from vgs_ckpt.models import CheckpointHeader, HeaderFields
 from vgs_ckpt.storage import Storage, StorageOptions, resolve
-from vgs_ckpt.writer import check_path, commit, prepare
+from vgs_ckpt.writer import check_path, commit, commit_new, prepare
 
 __all__ = ["AsyncSaver", "SaveHandle", "save_async"]
 
 logger = logging.getLogger("vgs_ckpt")
 _ALIGN = 64  # each array starts at a multiple of this in its snapshot buffer
-_CREATE_RETRIES = 20  # keys tried by a save whose key must be new
 
 
 class SaveHandle:
@@ -169,17 +168,15 @@ class _Job:
     handle: SaveHandle | None = None
 
     def run(self) -> CheckpointHeader:
-        for attempt in range(_CREATE_RETRIES):
-            try:
-                return commit(self.storage, self.target, self.header, self.arrays, self.data,
-                              durable=self.durable, exclusive=self.retarget is not None)
-            except CheckpointExistsError:
-                if self.retarget is None or attempt == _CREATE_RETRIES - 1:
-                    raise
-                self.target = self.retarget(self.target)
-                if self.handle is not None:
-                    self.handle.path = self.target
-        raise AssertionError("unreachable")
+        if self.retarget is None:
+            return commit(self.storage, self.target, self.header, self.arrays, self.data,
+                          durable=self.durable)
+        header, self.target = commit_new(self.storage, self.target, self.header,
+                                         self.arrays, self.data, next_key=self.retarget,
+                                         durable=self.durable)
+        if self.handle is not None:
+            self.handle.path = self.target
+        return header
 
 
 class AsyncSaver:
@@ -223,7 +220,7 @@ class AsyncSaver:
         """Snapshot a prepared checkpoint and queue its write (what :meth:`save` does
         after validating). With ``retarget``, the key must be new: when another writer
         created it first, the write goes to ``retarget(key)`` instead (up to
-        :data:`_CREATE_RETRIES` keys)."""
+        :data:`~vgs_ckpt.writer.CREATE_RETRIES` keys)."""
         started = time.perf_counter()
         self._slots.acquire()  # back-pressure: wait for a free snapshot buffer
         try:

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import IO, Any, Unpack
 
 from vgs_ckpt import _header
 from vgs_ckpt._container import MAX_HEADER_BYTES, layout, loads_json
 from vgs_ckpt._header import META_HEADER
 from vgs_ckpt._tree import Array
-from vgs_ckpt.errors import FormatError, UsageError, VgsCkptError
+from vgs_ckpt.errors import CheckpointExistsError, FormatError, UsageError, VgsCkptError
 from vgs_ckpt.models import CheckpointHeader, HeaderFields, Producer, check_fields
 from vgs_ckpt.storage import Storage, StorageOptions, resolve
 
@@ -101,6 +101,27 @@ def commit(storage: Storage, key: str, header: CheckpointHeader, arrays: Mapping
                                                        seekable=seekable)),
                    durable=durable, exclusive=exclusive)
     return written[0]
+
+
+CREATE_RETRIES = 20  # keys a save whose key must be new tries (others may take them first)
+
+
+def commit_new(storage: Storage, key: str, header: CheckpointHeader,
+               arrays: Mapping[str, Array], data: Mapping[str, memoryview] | None = None, *,
+               next_key: Callable[[str], str], durable: bool = True
+               ) -> tuple[CheckpointHeader, str]:
+    """:func:`commit` to a key nobody else has: where another writer created ``key``
+    first, the write goes to ``next_key(key)`` instead (up to :data:`CREATE_RETRIES`
+    keys). The header and the key written."""
+    for attempt in range(CREATE_RETRIES):
+        try:
+            return commit(storage, key, header, arrays, data, durable=durable,
+                          exclusive=True), key
+        except CheckpointExistsError:
+            if attempt == CREATE_RETRIES - 1:
+                raise
+            key = next_key(key)
+    raise AssertionError("unreachable")
 
 
 def check_path(path: Any, parameters: Any, function: str = "save") -> str:

@@ -21,7 +21,6 @@ from vgs_ckpt import loading, reader, writer
 from vgs_ckpt.async_save import AsyncSaver, SaveHandle, default_saver
 from vgs_ckpt.checkpoint import Checkpoint
 from vgs_ckpt.errors import (
-    CheckpointExistsError,
     CheckpointIOError,
     CheckpointNotFoundError,
     UsageError,
@@ -39,7 +38,6 @@ _FILE = re.compile(r"step_(\d{12})(?:_w(\d{12}))?\.safetensors")
 _EXPLOITS = "_exploits"
 PREVIOUS_RUNS = "_previous_runs"  # earlier runs moved aside by archive_run()
 _CHECKOUT_RETRIES = 20
-_CREATE_RETRIES = 20  # write numbers a save tries when other writers take them first
 
 
 def check_member_id(member_id: str) -> str:
@@ -256,24 +254,19 @@ class CheckpointStore:
         if type(step) is not int or step < 0:
             raise UsageError(f"save({member_id!r}, ...): step must be an int >= 0, got "
                              f"{step!r:.60}")
-        key = self._new_key(member_id, step)
+        def next_key(_: str = "") -> str:  # another writer took a number: the next one
+            return self._new_key(member_id, step)
+
+        key = next_key()
         header, arrays = writer.prepare(parameters, key, fields, "CheckpointStore.save")
         if not self.async_save:
-            for _ in range(_CREATE_RETRIES - 1):
-                try:
-                    writer.commit(self.storage, key, header, arrays, durable=self.durable,
-                                  exclusive=True)
-                    break
-                except CheckpointExistsError:  # another writer took this write number
-                    key = self._new_key(member_id, step)
-            else:
-                writer.commit(self.storage, key, header, arrays, durable=self.durable,
-                              exclusive=True)
+            _, key = writer.commit_new(self.storage, key, header, arrays, durable=self.durable,
+                                       next_key=next_key)
             self._prune(member_id)
             return CheckpointRef(member_id, step, self._path(key), performance)
         handle = (self._saver or default_saver()).submit(
             self.storage, key, header, arrays, durable=self.durable,
-            retarget=lambda _: self._new_key(member_id, step))
+            retarget=next_key)
         with self._done:
             self._pending.setdefault(member_id, []).append(handle)
         handle.add_done_callback(lambda done: self._committed(member_id, done))

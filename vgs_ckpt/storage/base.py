@@ -18,8 +18,15 @@ from dataclasses import dataclass
 from typing import IO, Protocol, runtime_checkable
 
 from vgs_ckpt._container import Source
+from vgs_ckpt.errors import CheckpointExistsError
 
-__all__ = ["Capabilities", "ObjectInfo", "Storage"]
+__all__ = ["Capabilities", "ObjectInfo", "Storage", "key_taken"]
+
+
+def key_taken(key: str) -> CheckpointExistsError:
+    """The error of an exclusive commit (or pin) whose key exists already."""
+    return CheckpointExistsError(f"{key} already exists (another writer created it first); "
+                                 "nothing was written")
 
 
 @dataclass(frozen=True)

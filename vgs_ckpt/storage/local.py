@@ -39,15 +39,14 @@ from typing import IO
 
 import numpy as np
 
-from vgs_ckpt._container import Container, Entry, Ready, notify
+from vgs_ckpt._container import Container, Ready, empty_views, notify, runs
 from vgs_ckpt.errors import (
-    CheckpointExistsError,
     CheckpointIOError,
     CheckpointNotFoundError,
     FormatError,
     UsageError,
 )
-from vgs_ckpt.storage.base import Capabilities, ObjectInfo
+from vgs_ckpt.storage.base import Capabilities, ObjectInfo, key_taken
 
 try:
     import fcntl
@@ -205,14 +204,7 @@ class LocalStorage:
             return
         tmp = link_name(Path(target))
         tmp.unlink(missing_ok=True)
-        try:
-            os.link(source, tmp)
-        except FileNotFoundError:
-            raise _missing(source, target) from None
-        except OSError as exc:
-            if exc.errno not in _NO_LINKS:
-                raise CheckpointIOError(exc.errno, f"cannot pin {source} as {target}: "
-                                        f"{exc.strerror}", target) from None
+        if not _link(source, tmp, target):
             with self.open(source) as src:  # an open file survives the donor's unlink
                 self.commit(target, lambda f: shutil.copyfileobj(src.stream(), f))
             return
@@ -222,17 +214,8 @@ class LocalStorage:
         """``pin`` that never replaces an existing ``target`` (FileExistsError). Where
         links are not possible the copy is written under ``target`` itself, created
         exclusively (a failed copy is removed, so nothing partial stays)."""
-        try:
-            os.link(source, target)
+        if _link(source, target, target):
             return
-        except FileExistsError:
-            raise
-        except FileNotFoundError:
-            raise _missing(source, target) from None
-        except OSError as exc:
-            if exc.errno not in _NO_LINKS:
-                raise CheckpointIOError(exc.errno, f"cannot pin {source} as {target}: "
-                                        f"{exc.strerror}", target) from None
         with self.open(source) as src, open(target, "xb") as dst:  # never clobbers
             try:
                 shutil.copyfileobj(src.stream(), dst)
@@ -293,19 +276,35 @@ def _missing(source: str, target: str) -> CheckpointIOError:
                              "not exist; create it first (storage.makedirs)")
 
 
+def _link(source: str, link: str | Path, target: str) -> bool:
+    """Hard-link ``source`` as ``link`` (on the way to pinning it as ``target``); False
+    where this file system cannot link, so the caller copies instead. An existing
+    ``link`` is FileExistsError."""
+    try:
+        os.link(source, link)
+    except FileExistsError:
+        raise
+    except FileNotFoundError:
+        raise _missing(source, target) from None
+    except OSError as exc:
+        if exc.errno in _NO_LINKS:
+            return False
+        raise CheckpointIOError(exc.errno, f"cannot pin {source} as {target}: "
+                                f"{exc.strerror}", target) from None
+    return True
+
+
 def _link_new(tmp: str, target: Path) -> None:
     """Publish the finished ``tmp`` as ``target`` only if ``target`` does not exist."""
     try:
         os.link(tmp, target)
     except FileExistsError:
-        raise CheckpointExistsError(f"{target} already exists (another writer created it "
-                                    "first); nothing was written") from None
+        raise key_taken(str(target)) from None
     except OSError as exc:
         if exc.errno not in _NO_LINKS:
             raise
         if os.path.lexists(target):
-            raise CheckpointExistsError(f"{target} already exists (another writer created "
-                                        "it first); nothing was written") from None
+            raise key_taken(str(target)) from None
         os.replace(tmp, target)
         return
     os.unlink(tmp)
@@ -530,9 +529,7 @@ class FileSource:
     def views(self, container: Container, readahead: bool = True,
               on_ready: Ready | None = None) -> tuple[dict[str, memoryview], bool]:
         if container.total_bytes == container.header_bytes:
-            views = {name: memoryview(b"") for name in container.entries}
-            notify(views, on_ready)
-            return views, False
+            return empty_views(container, on_ready)
         if readahead:  # without: a lazy reader, only what it asks for is read
             with contextlib.suppress(OSError, AttributeError):  # hints only: the disk
                 # reads ahead while memory is prepared and the first bytes are hashed
@@ -563,15 +560,12 @@ class FileSource:
         """The data region read in runs of about :data:`_READ_CHUNK` bytes, each into
         memory of its own that a helper thread allocates (pre-faulted) ahead of the
         reads, each tensor announced as it lands."""
-        runs: list[list[Entry]] = []
-        for entry in container.entries.values():  # in file order
-            if not runs or entry.end - runs[-1][0].start > _READ_CHUNK:
-                runs.append([])
-            runs[-1].append(entry)
+        grouped = runs(container, _READ_CHUNK)
         views: dict[str, memoryview] = {}
         with ThreadPoolExecutor(1, thread_name_prefix="vgs_ckpt-alloc") as alloc:
-            buffers = [alloc.submit(owned_buffer, run[-1].end - run[0].start) for run in runs]
-            for run, buffer in zip(runs, buffers, strict=True):
+            buffers = [alloc.submit(owned_buffer, run[-1].end - run[0].start)
+                       for run in grouped]
+            for run, buffer in zip(grouped, buffers, strict=True):
                 data = buffer.result()
                 _read_into(self._fd, data, run[0].start, self.where)
                 for e in run:

@@ -52,8 +52,9 @@ from vgs_ckpt._container import (
     Container,
     Entry,
     Ready,
+    empty_views,
     looks_like_safetensors,
-    notify,
+    runs,
 )
 from vgs_ckpt.errors import (
     CheckpointExistsError,
@@ -63,7 +64,7 @@ from vgs_ckpt.errors import (
     MissingDependencyError,
     UsageError,
 )
-from vgs_ckpt.storage.base import Capabilities, ObjectInfo
+from vgs_ckpt.storage.base import Capabilities, ObjectInfo, key_taken
 from vgs_ckpt.storage.local import owned_buffer
 
 __all__ = ["HEAD_BYTES", "MIN_UPLOAD_AGE", "PART_BYTES", "RUN_BYTES", "UPLOADS", "FsspecStorage",
@@ -122,18 +123,22 @@ def for_url(url: str, storage_options: Mapping[str, Any] | None = None) -> Fsspe
         return backend
 
 
+def _check_protocol(protocol: str) -> None:
+    if protocol not in _PUBLISH_ON_CLOSE | _BUFFERED:
+        raise UsageError(
+            f"{protocol}:// is not supported: vgs_ckpt commits a checkpoint whole or not at "
+            "all, which needs a filesystem whose writes publish on close "
+            f"({', '.join(sorted(_PUBLISH_ON_CLOSE | _BUFFERED))}); write to a local path "
+            "instead")
+
+
 class FsspecStorage:
     """Checkpoints in an fsspec filesystem; keys are URLs. See the module docstring."""
 
     def __init__(self, fs: Any, *, protocol: str | None = None) -> None:
         names = fs.protocol if isinstance(fs.protocol, tuple | list) else (fs.protocol,)
         self.protocol = (protocol or names[0]).lower()
-        if self.protocol not in _PUBLISH_ON_CLOSE | _BUFFERED:
-            raise UsageError(
-                f"{self.protocol}:// is not supported: vgs_ckpt commits a checkpoint whole "
-                "or not at all, which needs a filesystem whose writes publish on close "
-                f"({', '.join(sorted(_PUBLISH_ON_CLOSE | _BUFFERED))}); write to a local "
-                "path instead")
+        _check_protocol(self.protocol)
         self.fs = fs
         self.s3 = self.protocol in ("s3", "s3a") and hasattr(fs, "_call_s3")
         self.capabilities = Capabilities(
@@ -177,7 +182,7 @@ class FsspecStorage:
         is a CheckpointExistsError and nothing is written."""
         path = self.path(key)
         if exclusive and not self._conditional_works(key) and self._exists(path):
-            raise _exists_error(key)
+            raise key_taken(key)
         if self.protocol in _BUFFERED:
             self._commit_buffered(key, path, write, exclusive)
             return
@@ -192,7 +197,7 @@ class FsspecStorage:
         except BaseException as exc:
             _discard(handle)
             if isinstance(exc, FileExistsError) and not isinstance(exc, CheckpointExistsError):
-                raise _exists_error(key) from None
+                raise key_taken(key) from None
             if isinstance(exc, OSError) and not isinstance(exc, CheckpointIOError):
                 raise _io_error(exc, f"writing {key} failed; nothing was committed (the "
                                 "previous object, if any, is intact)") from None
@@ -206,7 +211,7 @@ class FsspecStorage:
             self.fs.pipe_file(path, buffer.getvalue(), mode="create" if exclusive
                               else "overwrite")
         except FileExistsError:
-            raise _exists_error(key) from None
+            raise key_taken(key) from None
         except OSError as exc:
             raise _io_error(exc, f"writing {key} failed") from None
 
@@ -289,27 +294,30 @@ class FsspecStorage:
         """A server-side copy of ``source`` to ``target`` (no bytes through this
         process); with ``overwrite=False`` an existing ``target`` is an error."""
         if not overwrite and self._exists(self.path(target)):
-            raise _exists_error(target)
+            raise key_taken(target)
         try:
-            self.fs.cp_file(self.path(source), self.path(target))  # one object, no listing
+            self._copy(source, target)
         except FileNotFoundError:
             raise CheckpointNotFoundError(f"{source} does not exist (removed before it could "
                                           f"be pinned as {target})") from None
         except OSError as exc:
             raise _io_error(exc, f"cannot copy {source} to {target}") from None
 
+    def _copy(self, source: str, target: str) -> None:
+        """One object copied on the server (S3 CopyObject; no listing, no bytes here)."""
+        self.fs.cp_file(self.path(source), self.path(target))
+
     def move(self, source: str, target: str) -> None:
         try:
             self.fs.invalidate_cache()
             if self.fs.isdir(self.path(source)):
-                for info in self.entries(source, recursive=True):
-                    relative = info.key[len(source.rstrip("/")) + 1:]
-                    destination = self.join(target, relative)
-                    self.fs.copy(self.path(info.key), self.path(destination))
-                    self.fs.rm_file(self.path(info.key))
+                pairs = [(info.key, self.join(target, info.key[len(source.rstrip("/")) + 1:]))
+                         for info in self.entries(source, recursive=True)]
             else:
-                self.fs.copy(self.path(source), self.path(target))
-                self.fs.rm_file(self.path(source))
+                pairs = [(source, target)]
+            for old, new in pairs:
+                self._copy(old, new)
+                self.fs.rm_file(self.path(old))
         except OSError as exc:
             raise _io_error(exc, f"cannot move {source} to {target}") from None
 
@@ -395,7 +403,6 @@ class ObjectSource:
         self._size: int | None = None
         self._etag: str | None = None
         self._modified: float | None = None
-        self.requests = 0  # GETs made (for tests and benchmarks)
 
     def prime(self) -> None:
         """The first GET: the object's first bytes (the backend's ``head_hint``), size
@@ -443,7 +450,6 @@ class ObjectSource:
             raise UsageError(f"{self.where} names a bucket, not a checkpoint object")
         bucket, key = bucket_key
         match = {} if self._etag is None else {"IfMatch": self._etag}
-        self.requests += 1
         try:
             response: dict[str, Any] = sync(
                 fs.loop, fs._call_s3, "get_object", Bucket=bucket, Key=key,
@@ -530,7 +536,6 @@ class ObjectSource:
         if self._storage.s3:
             data = self._s3_get(start, end)[0]
         else:
-            self.requests += 1
             try:
                 data = self._fs.cat_file(self._path, start=start, end=end)
             except FileNotFoundError:
@@ -600,9 +605,7 @@ class ObjectSource:
     def views(self, container: Container, readahead: bool = True,
               on_ready: Ready | None = None) -> tuple[dict[str, memoryview], bool]:
         if container.total_bytes == container.header_bytes:
-            empty = {name: memoryview(b"") for name in container.entries}
-            notify(empty, on_ready)
-            return empty, False
+            return empty_views(container, on_ready)
         if not readahead:
             return _LazyObjectViews(self, container), True
         return self._stream_all(container, on_ready), True
@@ -612,20 +615,16 @@ class ObjectSource:
         """Every tensor, streamed with one GET into runs of about :data:`RUN_BYTES` of
         memory each (the tensors' own), each tensor announced (and hashed) as soon as
         its last byte lands."""
-        runs: list[list[Entry]] = []
-        for entry in container.entries.values():  # in file order, no gaps
-            if not runs or entry.end - runs[-1][0].start > RUN_BYTES:
-                runs.append([])
-            runs[-1].append(entry)
-        buffers = [owned_buffer(run[-1].end - run[0].start) for run in runs]
+        grouped = runs(container, RUN_BYTES)  # in file order, with no gaps
+        buffers = [owned_buffer(run[-1].end - run[0].start) for run in grouped]
         views: dict[str, memoryview] = {}
-        ordered = [(e, i) for i, run in enumerate(runs) for e in run]
+        ordered = [(e, i) for i, run in enumerate(grouped) for e in run]
         state = {"at": container.header_bytes, "run": 0, "next": 0}
 
         def place(data: memoryview) -> None:
             while len(data):
                 index = state["run"]
-                run, buffer = runs[index], buffers[index]
+                run, buffer = grouped[index], buffers[index]
                 offset = state["at"] - run[0].start
                 count = min(len(data), len(buffer) - offset)
                 buffer[offset:offset + count] = data[:count]
@@ -637,7 +636,7 @@ class ObjectSource:
                 entry, index = ordered[state["next"]]
                 if entry.end > state["at"]:
                     break
-                start = entry.start - runs[index][0].start
+                start = entry.start - grouped[index][0].start
                 views[entry.name] = buffers[index][start:start + entry.nbytes]
                 if on_ready is not None:
                     on_ready(entry.name, views[entry.name])
@@ -805,11 +804,6 @@ def _discard(handle: Any) -> None:
     except Exception as exc:  # the original error matters more
         logger.warning("could not abort an incomplete upload (%s); the store's sweep will "
                        "(vgs-ckpt sweep)", exc)
-
-
-def _exists_error(key: str) -> CheckpointExistsError:
-    return CheckpointExistsError(f"{key} already exists (another writer created it first); "
-                                 "nothing was written")
 
 
 def _io_error(exc: OSError, what: str) -> CheckpointIOError:

@@ -10,7 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vgs_ckpt import loading, reader, writer
-from vgs_ckpt.errors import CheckpointIOError, UsageError, VgsCkptError
+from vgs_ckpt.errors import (
+    CheckpointIOError,
+    CheckpointNotFoundError,
+    UsageError,
+    VgsCkptError,
+)
 from vgs_ckpt.storage import LOCAL, LocalStorage, Storage, StorageOptions, resolve
 from vgs_ckpt.storage.objects import is_url
 from vgs_ckpt.upgrades.checkpoint import upgrade
@@ -122,7 +127,10 @@ def upgrade_file(source: str | os.PathLike[str], target: str | os.PathLike[str] 
     shown_dst = _shown(dst, out) if dst is not None else None
     original = "?"
     try:
-        loaded = loading.load(src, upgrade=False, storage=backend)
+        try:
+            loaded = loading.load(src, upgrade=False, storage=backend)
+        except CheckpointNotFoundError:  # an object store's missing object: its one GET
+            return FileResult(shown_src, shown_dst, original, "-", (), "failed: no such file")
         original = f"{loaded.format.value} ({loaded.container})"
         upgraded, steps = upgrade(loaded)
         final = upgraded.format.value
@@ -189,7 +197,7 @@ def upgrade_files(paths: Iterable[str | os.PathLike[str]], *, out: str | os.Path
                                           f"of {claimed[seen]}; rename one"))
                 continue
             claimed[seen] = source
-        if not _is_object(source, storage):
+        if isinstance(storage, LocalStorage) and not Path(source).is_file():
             results.append(FileResult(_shown(source, storage),
                                       _shown(target, out_storage) if target else None,
                                       "?", "-", (), "failed: no such file"))
@@ -199,13 +207,3 @@ def upgrade_files(paths: Iterable[str | os.PathLike[str]], *, out: str | os.Path
     if progress:
         progress(len(files), len(files), Path())
     return results
-
-
-def _is_object(key: str, storage: Storage) -> bool:
-    if isinstance(storage, LocalStorage):
-        return Path(key).is_file()
-    try:
-        with storage.open(key):
-            return True
-    except (OSError, VgsCkptError):
-        return False
