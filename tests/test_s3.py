@@ -553,3 +553,70 @@ def test_an_object_smaller_than_the_first_read_takes_one_get(server: S3Server,
     end = 8 + int.from_bytes(server.filesystem().cat_file(url, start=0, end=8), "little")
     assert [r.range for r in server.since(mark)[1:3]] == [f"bytes=0-{end - 1}",
                                                           f"bytes={end}-{end + 15}"]
+
+
+# -- hostile and broken URLs and objects ------------------------------------------------
+
+
+def test_unsupported_protocols_are_refused_before_any_filesystem_is_made(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import fsspec
+
+    def never(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a filesystem was made (an ftp:// one connects at once)")
+
+    monkeypatch.setattr(fsspec.core, "url_to_fs", never)
+    for url in ("ftp://198.51.100.1/x.safetensors", "http://example.com/x.safetensors",
+                "sftp://198.51.100.1/x.safetensors"):
+        with pytest.raises(UsageError, match="is not supported"):
+            vgs_ckpt.load(url)
+
+
+def test_a_missing_filesystem_names_its_extra() -> None:
+    pytest.importorskip("fsspec")
+    try:
+        import gcsfs  # noqa: F401
+        pytest.skip("gcsfs is installed")
+    except ImportError:
+        pass
+    with pytest.raises(vgs_ckpt.MissingDependencyError, match=r"vgs_ckpt\[gcs\]") as info:
+        vgs_ckpt.load("gs://bucket/m.safetensors")
+    assert isinstance(info.value, ImportError) and "gs://bucket/m.safetensors" in str(
+        info.value)
+
+
+def test_a_huge_header_is_not_learnt_as_the_next_first_read(server: S3Server,
+                                                            bucket: str) -> None:
+    """A store's backend asks for the size of the last header first; a header of
+    megabytes (hostile, or just odd) must not make every later first GET that big."""
+    url = f"s3://{bucket}/bighyper.safetensors"
+    vgs_ckpt.save(url, {"policy": {"w": torch.ones(2)}}, step=1,
+                  hyperparams={"notes": "x" * (5 * 2**20)},
+                  storage_options=server.storage_options)
+    assert len(vgs_ckpt.read_header(url, storage_options=server.storage_options
+                                    ).hyperparams["notes"]) == 5 * 2**20
+    backend, _ = resolve(url, storage_options=server.storage_options)
+    assert backend.head_hint == objects_module.HEAD_BYTES
+
+
+def test_without_conditional_writes_an_exclusive_commit_checks_first(
+        server: S3Server, bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server that ignores If-None-Match (detected by the probe): the fallback still
+    refuses a key that exists."""
+    backend, key = resolve(f"s3://{bucket}/fallback.safetensors",
+                           storage_options=server.storage_options)
+    assert isinstance(backend, FsspecStorage)
+    assert backend._conditional_works(key)  # moto honours it (the probe said so)
+    monkeypatch.setattr(backend, "_conditional_works", lambda key: False)
+    backend.commit(key, lambda f: f.write(b"first"), exclusive=True)
+    with pytest.raises(CheckpointExistsError, match="already exists"):
+        backend.commit(key, lambda f: f.write(b"second"), exclusive=True)
+    assert server.filesystem().cat(key) == b"first"
+
+
+def test_upgrade_of_a_missing_object_says_so(server: S3Server, bucket: str) -> None:
+    from vgs_ckpt.upgrades.files import upgrade_files
+
+    results = upgrade_files([f"s3://{bucket}/none.pt"], out=f"s3://{bucket}/out",
+                            in_place=False, storage_options=server.storage_options)
+    assert [r.result for r in results] == ["failed: no such file"]

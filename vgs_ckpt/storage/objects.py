@@ -15,8 +15,8 @@ does, and what it guarantees:
   ``memory://`` objects are buffered and stored in one step.
 - **open** reads lazily with ranged GETs: the object's first bytes (one GET, which
   also gives its size and ETag; :data:`HEAD_BYTES`, or as many as the last header
-  this backend read had, so a store's listings read each header in one GET and no
-  tensor bytes), the rest of a larger header with one more, and each subtree asked
+  this backend read had when under 4 MiB, so a store's listings read each header in
+  one GET and no tensor bytes), the rest of a larger header with one more, and each subtree asked
   for with one GET per run of adjacent tensors. Every later GET carries
   ``If-Match: <ETag>``: an object replaced while it is being read is an error, never
   a mix of two versions. A whole ``load`` streams the data with one GET straight
@@ -78,6 +78,7 @@ RUN_BYTES = 16 * 1024 * 1024  # a whole load downloads in ranged GETs of this si
 PART_BYTES = 64 * 1024 * 1024  # multipart upload part size (one PUT below it)
 UPLOADS = 4  # parts of one upload in flight at once
 MIN_UPLOAD_AGE = 3600.0  # an incomplete upload younger than this may have a live writer
+_HINT_LIMIT = 4 * 1024 * 1024  # a first GET never asks for more (a huge header: two)
 _MERGE_GAP = 4096  # tensors asked for together are read in one GET across gaps this small
 _CHUNK = 8 * 1024 * 1024  # a streamed GET is copied into the tensors' memory in chunks this big
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
@@ -105,6 +106,7 @@ def for_url(url: str, storage_options: Mapping[str, Any] | None = None) -> Fsspe
         raise MissingDependencyError(f"{url}: reading and writing URLs needs fsspec: pip "
                                      "install 'vgs_ckpt[s3]'") from None
     protocol = url.split("://", 1)[0].lower()
+    _check_protocol(protocol)  # before any filesystem is made (some connect at once)
     try:
         fs, _ = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
     except ImportError as exc:
@@ -423,9 +425,9 @@ class ObjectSource:
         if looks_like_safetensors(self._head[:SNIFF_BYTES]):
             (length,) = struct.unpack_from("<Q", self._head)
             end = 8 + length
-            if len(self._head) < end <= self._size:
+            if len(self._head) < end <= self._size:  # at most the readers' header limit
                 self._head += self._get(len(self._head), end)
-            if end <= self._size:  # the next object of this store: the same size, likely
+            if end <= min(self._size, _HINT_LIMIT):  # the next header: likely this size
                 self._storage.head_hint = max(end, SNIFF_BYTES)
 
     def _info(self) -> dict[str, Any]:
