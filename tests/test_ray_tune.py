@@ -150,3 +150,26 @@ def test_sb3_population_on_ray_carries_the_normalizer(tmp_path: Path) -> None:
         before, after = line.split("obs mean[0] ")[1].split(",")[0].split(" -> ")
         assert float(after) != float(before)
     assert any(p.name == "vgs_ckpt.safetensors" for p in tmp_path.rglob("*"))
+
+
+def test_a_checkpoint_that_cannot_be_marked_still_restores(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Where the marker cannot be written (a read-only storage), the restore works and
+    says that a restart from it would count as another exploit."""
+    pytest.importorskip("ray.tune")
+    from pyarrow import fs
+
+    from vgs_ckpt.integrations import ray_tune
+
+    donor = make_learner(0)
+    checkpoint = ray_tune.save_checkpoint(tmp_path, donor.get_parameters(), step=2,
+                                          trial_id="donor_trial")
+    nowhere = str(tmp_path / "no" / "such" / "dir" / "marker")
+    monkeypatch.setattr(ray_tune, "_marker_path",
+                        lambda checkpoint, trial: (fs.LocalFileSystem(), nowhere))
+    with caplog.at_level("WARNING", logger="vgs_ckpt"):
+        restored = ray_tune.restore_checkpoint(checkpoint, {"lr": 0.01}, trial_id="recipient")
+    assert restored.cloned and not restored.restarted
+    assert "could not mark the cloned checkpoint" in caplog.text
+    assert "would count as another exploit" in caplog.text
