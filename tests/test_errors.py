@@ -305,7 +305,7 @@ def test_schema_violation_in_stored_header_is_reported_with_field() -> None:
 
 @pytest.mark.parametrize(("edit", "message"), [
     (lambda inner: inner["tensors"]["policy/w"].update(digest=None), "has no digest"),
-    (lambda inner: inner.update(vgs=[1]), "'vgs' must be an object or null"),
+    (lambda inner: inner.update(vgs=[1]), "has a VGS summary but the tree has no"),
 ])
 def test_stored_header_fields_that_memory_allows_but_files_do_not(edit: Any,
                                                                   message: str) -> None:

@@ -72,6 +72,7 @@ def _with_metadata_header(text: str) -> bytes:
     header = json.loads(data[8:8 + length])
     header["__metadata__"]["vgs_ckpt.header"] = text
     raw = json.dumps(header).encode()
+    raw += b" " * (-(len(raw) + 8) % 8)
     return _LEN.pack(len(raw)) + raw + data[8 + length:]
 
 
@@ -84,6 +85,7 @@ def test_deeply_nested_metadata_json_is_a_format_error(depth: int) -> None:
 
 def test_deeply_nested_safetensors_header_is_a_format_error() -> None:
     raw = ('{"__metadata__": {}, "x": ' + "[" * 5000 + "]" * 5000 + "}").encode()
+    raw += b" " * (-(len(raw) + 8) % 8)
     with pytest.raises(FormatError, match="nested"):
         vgs_ckpt.load_bytes(_LEN.pack(len(raw)) + raw)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import re
 import struct
 from collections.abc import Callable, Iterable
@@ -235,10 +236,15 @@ def read_container(source: Source) -> Container:
     if 8 + length > size:
         raise FormatError(f"{where}: header length {length} runs past the end of the file "
                           f"({size} bytes); the file is truncated or not a safetensors file")
-    header = loads_json(source.read(8, length), where, "safetensors header")
+    if (8 + length) % ALIGNMENT:
+        raise FormatError(f"{where}: the data region starts at byte {8 + length}, not a "
+                          f"multiple of {ALIGNMENT}: the header must be padded with spaces "
+                          "(spec section 2); the file is corrupt or was not written by a "
+                          "conforming writer")
+    header = loads_json(source.read(8, length), where, "safetensors header", padded=True)
     if type(header) is not dict:
         raise FormatError(f"{where}: safetensors header is not a JSON object")
-    metadata = header.pop("__metadata__", {})
+    metadata = header.pop("__metadata__", {})  # its absence: not a vgs_ckpt file (_header)
     if type(metadata) is not dict or any(type(v) is not str for v in metadata.values()):
         raise FormatError(f"{where}: __metadata__ must map strings to strings")
     data_start = 8 + length
@@ -246,6 +252,11 @@ def read_container(source: Source) -> Container:
     entries.sort(key=lambda e: (e.start, e.end))
     expected = data_start
     for entry in entries:
+        if (entry.start - data_start) % entry.dtype.itemsize:
+            raise FormatError(f"{where}: tensor {entry.name!r} of {entry.dtype.code} starts at "
+                              f"data offset {entry.start - data_start}, not a multiple of its "
+                              f"element size {entry.dtype.itemsize} (spec section 2); the "
+                              "header's data_offsets are corrupt")
         if entry.start != expected:
             problem = "overlaps the previous tensor" if entry.start < expected else "leaves a gap"
             raise FormatError(f"{where}: tensor {entry.name!r} {problem} (data starts at "
@@ -273,19 +284,30 @@ def json_depth(value: Any) -> int:
     return depth
 
 
-def loads_json(text: str | bytes, where: str, what: str) -> Any:
-    """``json.loads`` for untrusted UTF-8 text: standard constants only, nesting bounded.
+def loads_json(text: str | bytes, where: str, what: str, padded: bool = False) -> Any:
+    """``json.loads`` for untrusted UTF-8 text, with the rules of spec section 2: standard
+    constants only, no duplicate member names, numbers that fit binary64, integers of
+    at most 4300 digits, nesting bounded, no lone surrogates. With ``padded``, the JSON
+    text may be followed by spaces (0x20) only (the container header's padding).
 
     Raises:
-        FormatError: malformed JSON (``what`` names it), or nested deeper than
-            :data:`MAX_JSON_DEPTH`.
+        FormatError: any of these broken (``what`` names the JSON text).
     """
     try:
         raw = text.decode("utf-8") if isinstance(text, bytes) else text
-        value = json.loads(raw, parse_constant=_no_constant)
+        if padded:
+            value, end = _DECODER.raw_decode(raw)
+            if raw[end:].strip(" "):
+                raise FormatError(f"{where}: the {what} is followed by "
+                                  f"{raw[end:end + 8]!r} where only spaces (0x20) may pad "
+                                  "it (spec section 2); the file is corrupt")
+        else:
+            value = _DECODER.decode(raw)
     except RecursionError:  # the C parser's own stack guard
         value, depth = None, None
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, a bad constant
+        if isinstance(exc, FormatError):
+            raise
         raise FormatError(f"{where}: malformed {what} JSON ({exc}); the file is corrupt"
                           ) from None
     else:
@@ -299,6 +321,22 @@ def loads_json(text: str | bytes, where: str, what: str) -> Any:
                           "\\udfff that is not half of a pair), which is not valid Unicode; "
                           "the file is corrupt or hostile")
     return value
+
+
+def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    found = dict(pairs)
+    if len(found) != len(pairs):
+        names = [name for name, _ in pairs]
+        duplicate = next(name for i, name in enumerate(names) if name in names[:i])
+        raise ValueError(f"duplicate member name {duplicate!r} in one object (spec section 2)")
+    return found
+
+
+def _finite_number(text: str) -> float:
+    number = float(text)
+    if math.isinf(number):
+        raise ValueError(f"the number {text[:24]}... overflows binary64 (spec section 2)")
+    return number
 
 
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
@@ -324,6 +362,10 @@ def _has_lone_surrogate(value: Any) -> bool:
 
 def _no_constant(name: str) -> None:
     raise ValueError(f"non-standard JSON constant {name}")
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_unique_members, parse_float=_finite_number,
+                            parse_constant=_no_constant)
 
 
 def _entry(where: str, name: str, spec: Any, data_start: int) -> Entry:

@@ -8,12 +8,15 @@ tensor byte is read or copied). :func:`parse` validates a stored header.
 
 from __future__ import annotations
 
+import json
+import math
 from collections import deque
 from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
+import numpy as np
 import pydantic
 import xxhash
 
@@ -61,6 +64,9 @@ def describe(parameters: Mapping[Any, Any], fields: HeaderFields, *,
     """
     format = fields.get("format", CheckpointFormat.V2_FULL_PARAMETERS)
     hyperparams, lineage = fields.get("hyperparams"), fields.get("lineage")
+    performance = fields.get("performance")
+    if isinstance(performance, np.integer | np.floating):  # a number, not a bool
+        performance = performance.item()
     try:
         format = CheckpointFormat(format)
     except ValueError:
@@ -70,7 +76,7 @@ def describe(parameters: Mapping[Any, Any], fields: HeaderFields, *,
     digest = PLACEHOLDER_DIGEST if for_writing else None
     header_fields: dict[str, Any] = {
         "format_version": format, "step": fields["step"],
-        "performance": fields.get("performance"), "member_id": fields.get("member_id"),
+        "performance": performance, "member_id": fields.get("member_id"),
         "producer": producer or PRODUCER, "provenance": fields.get("provenance"),
         "created_at": fields.get("created_at") or datetime.now(UTC), "tree": tree,
         "tensors": {name: {"dtype": a.dtype.code, "shape": list(a.shape), "digest": digest}
@@ -80,7 +86,8 @@ def describe(parameters: Mapping[Any, Any], fields: HeaderFields, *,
     if format is CheckpointFormat.V2_FULL_PARAMETERS:
         header_fields["hyperparams"] = dict(hyperparams or {})
         header_fields["lineage"] = lineage if lineage is not None else Lineage()
-        vgs = vgs_state.summary(parameters, tree, where, vgs_error, vgs_fix)
+        vgs = vgs_state.summary(parameters, tree, where, vgs_error, vgs_fix,
+                                kind_error=error)
     else:
         if hyperparams or lineage is not None:
             raise UsageError(f"{where}: {format.value} files hold no hyperparams or lineage; "
@@ -134,25 +141,48 @@ def with_digests(header: CheckpointHeader, digests: Mapping[str, str]) -> Checkp
 
 
 def metadata(header: CheckpointV1 | CheckpointV2) -> dict[str, str]:
-    """The ``__metadata__`` of a file with this header (the header as compact JSON; no
-    NaN: non-finite floats are strings)."""
+    """The ``__metadata__`` of a file with this header, in the writers' order."""
     return {META_FORMAT: "pt", META_FORMAT_VERSION: header.format_version.value,
-            META_HEADER: header.model_dump_json()}
+            META_HEADER: header_json(header)}
 
 
-def parse(container: Container, where: str,
-          vgs_error: type[VgsCkptError] | None = None) -> CheckpointHeader:
-    """The validated header of a container, checked against its tensor table.
+def header_json(header: CheckpointV1 | CheckpointV2) -> str:
+    """The header as the writers' JSON text (spec section 2.1): members in the models'
+    order, no whitespace, raw UTF-8, numbers as Python's ``repr``, the timestamp in UTC
+    with ``Z``, and the VGS summary's non-finite statistics as "NaN", "Infinity",
+    "-Infinity"."""
+    data = header.model_dump(mode="json")
+    if isinstance(header, CheckpointV2) and header.vgs is not None:
+        for key in vgs_state.STATISTICS:
+            value = data["vgs"].get(key)
+            if isinstance(value, float) and not math.isfinite(value):
+                data["vgs"][key] = ("NaN" if math.isnan(value)
+                                    else "Infinity" if value > 0 else "-Infinity")
+    try:
+        return dumps(data)
+    except ValueError as exc:  # an int beyond CPython's digit limit, in hyperparams say
+        raise UsageError(f"the header would not read back ({exc}); nothing was written - "
+                         "store big integers as strings or tensors") from None
 
-    An invalid VGS summary raises ``vgs_error``, or with None gives an
-    ``InvalidVGSStateWarning`` and is kept as stored.
-    """
+
+def dumps(value: Any) -> str:
+    """JSON text in the writers' form (spec section 2.1)."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def parse(container: Container, where: str) -> tuple[CheckpointHeader, Any]:
+    """The validated header of a container, checked against its tensor table, and the
+    stored VGS summary as parsed JSON (None when absent); the summary is checked against
+    the tree by :func:`vgs_ckpt.vgs_state.check_stored` once the tree is decoded."""
     meta = container.metadata
     if META_FORMAT_VERSION not in meta:
         raise FormatError(f"{where}: a safetensors file but not a vgs_ckpt checkpoint (no "
                           f"{META_FORMAT_VERSION!r} in __metadata__); load it with "
                           "safetensors.torch.load_file, or save it with vgs_ckpt.save")
     fmt = check_format_version(meta[META_FORMAT_VERSION], where)
+    if meta.get(META_FORMAT) != "pt":
+        raise FormatError(f"{where}: __metadata__ {META_FORMAT!r} must be \"pt\" (spec "
+                          f"section 3), got {meta.get(META_FORMAT)!r:.40}; the file is corrupt")
     if META_HEADER not in meta:
         raise FormatError(f"{where}: __metadata__ has no {META_HEADER!r}; the file is corrupt")
     raw = loads_json(meta[META_HEADER], where, "vgs_ckpt header")
@@ -171,22 +201,14 @@ def parse(container: Container, where: str,
         raise FormatError(f"{where}: header does not match the {fmt.value} schema: "
                           f"{describe_validation(exc)}; the file is corrupt") from None
     except (TypeError, ValueError, OverflowError, RecursionError) as exc:
-        # e.g. a created_at whose offset takes it out of datetime's range
         raise FormatError(f"{where}: header cannot be read ({type(exc).__name__}: "
                           f"{str(exc)[:200]}); the file is corrupt") from None
     missing = [name for name, info in header.tensors.items() if info.digest is None]
     if missing:
         raise FormatError(f"{where}: tensor {missing[0]!r} has no digest in the header; the "
                           "file is corrupt - restore it from a good copy")
-    if vgs is not None:
-        if type(vgs) is not dict:
-            raise FormatError(f"{where}: header field 'vgs' must be an object or null, got "
-                              f"{vgs!r:.60}; the file is corrupt")
-        fix = "load it with upgrade=False to salvage the data"
-        summary = vgs_state.check(vgs, where, vgs_error, fix)
-        header = header.model_copy(update={"vgs": summary})
     _check_index(header, container, where)
-    return header
+    return header, vgs
 
 
 def _check_index(header: CheckpointHeader, container: Container, where: str) -> None:

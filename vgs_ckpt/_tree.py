@@ -264,10 +264,22 @@ class Encoder:
 
     def _add_torch(self, value: torch.Tensor, path: tuple[str | int, ...]) -> str:
         dtype = _torch_dtype(value, path, self._storable)
+        if (dtype.code == "BOOL" and self._storable and value.numel()
+                and int(value.detach().view(torch.uint8).max()) > 1):
+            _bad_bool(path)
         return self._add(_storage_key(value), path, dtype, value)
 
     def _add_numpy(self, value: np.ndarray[Any, Any], path: tuple[str | int, ...]) -> str:
-        return self._add(_numpy_key(value), path, _numpy_dtype(value, path), value)
+        dtype = _numpy_dtype(value, path)
+        if dtype.code == "BOOL" and value.size and int(value.view(np.uint8).max()) > 1:
+            _bad_bool(path)
+        return self._add(_numpy_key(value), path, dtype, value)
+
+
+def _bad_bool(path: tuple[str | int, ...]) -> None:
+    raise UsageError(f"the bool tensor at {show_path(path)} holds bytes other than 0 and 1 "
+                     "(a view of other data as bool); readers refuse them (spec section 2) - "
+                     "store `t != 0` instead")
 
 
 def encode_tree(tree: Mapping[str, Any], *, storable: bool = True
@@ -290,6 +302,9 @@ class Decoder:
 
     def __init__(self, array: Callable[[str, str], Any]) -> None:
         self._array = array
+        # One object per name and node (tag and flags): every reference that reads the
+        # same returns the same object (spec section 5).
+        self._leaves: dict[tuple[Any, ...], Any] = {}
 
     def decode(self, node: Any, path: tuple[str | int, ...] = ()) -> Any:
         if node is None or type(node) in (bool, int, str):
@@ -297,6 +312,9 @@ class Decoder:
         if type(node) is not dict or not node:
             raise FormatError(f"malformed tree node at {show_path(path)}: {node!r:.80}")
         _check_members(node, path)
+        if len(path) >= MAX_TREE_DEPTH and any(tag in node for tag in CONTAINER_TAGS):
+            raise FormatError(f"the tree is nested more than {MAX_TREE_DEPTH} containers deep "
+                              f"at {show_path(path[:3])}... (spec section 5)")
         if "dict" in node:
             out: dict[Any, Any] = OrderedDict() if node.get("ordered") is True else {}
             for pair in _list(node["dict"], path):
@@ -325,14 +343,17 @@ class Decoder:
             if value in _FLOAT_SPECIALS:
                 return _FLOAT_SPECIALS[value]
             raise FormatError(f"malformed float at {show_path(path)}: {value!r:.80}")
-        if "tensor" in node:
-            return self.tensor(_name_of(node["tensor"], path), node.get("parameter") is True,
-                               node.get("requires_grad") is True)
-        if "ndarray" in node:
-            return self._array(_name_of(node["ndarray"], path), "numpy")
-        if "npscalar" in node:
-            return self.npscalar(_name_of(node["npscalar"], path))
-        raise AssertionError("unreachable: _check_members accepted an unknown tag")
+        tag = next(t for t in REFERENCE_TAGS if t in node)
+        name = _name_of(node[tag], path)
+        key = (tag, name, node.get("parameter") is True, node.get("requires_grad") is True)
+        if key not in self._leaves:
+            if tag == "tensor":
+                self._leaves[key] = self.tensor(name, key[2], key[3])
+            elif tag == "ndarray":
+                self._leaves[key] = self._array(name, "numpy")
+            else:
+                self._leaves[key] = self.npscalar(name)
+        return self._leaves[key]
 
     def tensor(self, name: str, parameter: bool, requires_grad: bool) -> Any:
         tensor = self._array(name, "torch")
@@ -345,7 +366,15 @@ class Decoder:
         return tensor.detach().requires_grad_(True) if requires_grad else tensor
 
     def npscalar(self, name: str) -> Any:
-        return self._array(name, "numpy")[()]
+        array = self._array(name, "numpy")
+        self.check_scalar(name, array.shape)
+        return array[()]
+
+    @staticmethod
+    def check_scalar(name: str, shape: tuple[int, ...]) -> None:
+        if tuple(shape):
+            raise FormatError(f"an npscalar node refers to tensor {name!r} of shape "
+                              f"{list(shape)}; a numpy scalar is a 0-d tensor (shape [])")
 
 
 _FLAGS = tuple(m for members in GRAMMAR.values() for m, kind in members.items()
@@ -414,6 +443,40 @@ def references(node: Any) -> list[str]:
             found += [item[tag] for tag in REFERENCE_TAGS if type(item.get(tag)) is str]
         stack.extend(reversed(_children(item)))
     return list(dict.fromkeys(found))
+
+
+def check_names(tree: Any, entries: Mapping[str, Any]) -> None:
+    """Check spec section 6 against a decoded file: every tensor of the container is
+    referenced, and is named by the path of its first reference (depth-first, in the
+    order of the encoding).
+
+    Raises:
+        FormatError: naming the first tensor that breaks a rule.
+    """
+    first: dict[str, tuple[str | int, ...]] = {}
+    stack: list[tuple[Any, tuple[str | int, ...]]] = [(tree, ())]
+    while stack:
+        node, path = stack.pop()
+        if type(node) is not dict:
+            continue
+        for tag in REFERENCE_TAGS:
+            if type(node.get(tag)) is str:
+                first.setdefault(node[tag], path)
+        children: list[tuple[Any, tuple[str | int, ...]]] = []
+        for key, child in dict_items(node):
+            children.append((child, (*path, key)))
+        for tag in ("list", "tuple"):
+            if type(node.get(tag)) is list:
+                children.extend((child, (*path, i)) for i, child in enumerate(node[tag]))
+        stack.extend(reversed(children))
+    for name, path in first.items():
+        if name != join_path(path):
+            raise FormatError(f"tensor {name!r} is first referenced at {show_path(path)}, so "
+                              f"it must be named {join_path(path)!r} (spec section 6)")
+    unreferenced = [name for name in entries if name not in first]
+    if unreferenced:
+        raise FormatError(f"tensor {unreferenced[0]!r} is in the file but no tree node "
+                          "refers to it (spec section 6)")
 
 
 def subnode(tree: Any, path: tuple[str | int, ...] | list[str | int]) -> Any:

@@ -8,11 +8,9 @@ import os
 
 import torch
 
-from vgs_ckpt import vgs_state
 from vgs_ckpt._container import BytesSource
 from vgs_ckpt.checkpoint import Checkpoint
 from vgs_ckpt.errors import FormatError, LegacyFormatWarning, UsageError, warn
-from vgs_ckpt.models import CheckpointV2
 from vgs_ckpt.reader import CheckpointReader, device_of, open_source
 from vgs_ckpt.storage import Storage, StorageOptions, resolve
 from vgs_ckpt.upgrades import upgrade as upgrade_checkpoint
@@ -91,15 +89,7 @@ def _finish(reader: CheckpointReader, upgrade: bool) -> Checkpoint:
     if not isinstance(parameters, dict):
         raise FormatError(f"{reader.where}: the root of the tree is not a dict node; the "
                           "file is corrupt")
-    header = reader.header
-    if reader.container == "safetensors" and isinstance(header, CheckpointV2):
-        # The header's summary must describe the stored state (no bytes involved);
-        # parsing the header already reported invalid settings.
-        found = vgs_state.summary(parameters, header.tree, reader.where,
-                                  FormatError if upgrade else None, quiet=True)
-        if not vgs_state.same_summary(found, header.vgs):
-            raise FormatError(f"{reader.where}: the header's VGS summary does not match the "
-                              f"stored {vgs_state.KEY!r}; the file is corrupt")
+    header = reader.header  # a vgs_ckpt file's VGS summary was checked when it was opened
     checkpoint = Checkpoint(parameters, header, reader.container, reader.path)
     if not upgrade:
         return checkpoint

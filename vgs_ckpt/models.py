@@ -11,23 +11,22 @@ import enum
 import math
 import re
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Annotated, Any, Literal, Required, TypeAlias, TypedDict
 
 import pydantic
 from pydantic import (
-    AfterValidator,
-    AwareDatetime,
     BaseModel,
     ConfigDict,
     Field,
-    JsonValue,
+    PlainSerializer,
+    PlainValidator,
+    Strict,
     StrictBool,
-    StrictFloat,
     StrictInt,
+    StrictStr,
     TypeAdapter,
     WithJsonSchema,
-    field_validator,
 )
 
 from vgs_ckpt._dtypes import CODES
@@ -71,36 +70,160 @@ DIGEST_ALGORITHM = "xxh3-128"
 _DIGEST_PATTERN = rf"^{DIGEST_ALGORITHM}:[0-9a-f]{{32}}$"
 
 
-def _finite(value: float | None) -> float | None:
-    if value is not None and not math.isfinite(value):
-        raise ValueError(f"expected a finite number or null, got {value!r}")
-    return value
-
-
-FiniteFloat: TypeAlias = Annotated[float, AfterValidator(_finite)]
+# Numbers are strict (spec section 4): a JSON number (an integer reads as a float), never a
+# boolean or a string, and finite (JSON has no infinity; readers refuse overflowing numbers).
+FiniteFloat: TypeAlias = Annotated[float, Strict(), Field(allow_inf_nan=False)]
 NonNegativeInt: TypeAlias = Annotated[StrictInt, Field(ge=0)]
+NonEmptyStr: TypeAlias = Annotated[StrictStr, Field(min_length=1)]
 DTypeCode: TypeAlias = Literal[CODES]  # type: ignore[valid-type]
 # Non-finite floats are written as the strings "NaN", "Infinity", "-Infinity".
-AnyFloat: TypeAlias = Annotated[float, WithJsonSchema({"anyOf": [
-    {"type": "number"}, {"enum": ["NaN", "Infinity", "-Infinity"]}]})]
+_NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def _any_float(value: object) -> float:
+    if type(value) is str and value in _NON_FINITE:
+        return _NON_FINITE[value]
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    raise ValueError('expected a number or one of the strings "NaN", "Infinity", '
+                     '"-Infinity"')
+
+
+AnyFloat: TypeAlias = Annotated[float, PlainValidator(_any_float), WithJsonSchema({"anyOf": [
+    {"type": "number"}, {"enum": list(_NON_FINITE)}]})]
 # The containers a checkpoint can come in (safetensors, and the legacy torch.save ones).
 ContainerKind: TypeAlias = Literal["safetensors", "torch-zip", "torch-pickle"]
 TREE_REF = "#/$defs/TreeNode"
 # A marker that json_schemas() replaces by a reference to the tree grammar.
 _TREE_MARK = "x-vgs-ckpt-tree"
-TreeRoot: TypeAlias = Annotated[dict[str, JsonValue], WithJsonSchema({_TREE_MARK: True})]
 
 
-def _finite_json(value: JsonValue, path: str = "hyperparams") -> JsonValue:
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError(f"{path} holds {value!r}; JSON hyperparameters must be finite")
-    if isinstance(value, dict):
-        for key, item in value.items():
-            _finite_json(item, f"{path}.{key}")
-    elif isinstance(value, list):
-        for i, item in enumerate(value):
-            _finite_json(item, f"{path}[{i}]")
+def _tree_root(value: object) -> dict[str, Any]:
+    # The tree's nodes are checked by the decoder (vgs_ckpt._tree), iteratively: pydantic's
+    # recursive JsonValue would stop at a few hundred levels, below the JSON limit.
+    if type(value) is not dict:
+        raise ValueError("the tree must be a JSON object (a dict node)")
     return value
+
+
+TreeRoot: TypeAlias = Annotated[dict[str, Any], PlainValidator(_tree_root),
+                                WithJsonSchema({_TREE_MARK: True})]
+
+
+def json_value(value: Any, path: str) -> Any:
+    """``value`` as plain JSON data (None, bool, int, finite float, str, list, dict with
+    str keys; int and float subclasses such as numpy's become int and float), checked
+    without recursion, so nesting is bounded by the JSON limit alone.
+
+    Raises:
+        ValueError: naming the first path that is not JSON data.
+    """
+    out: list[Any] = [None]
+    stack: list[tuple[Any, str, Any, Any]] = [(value, path, out, 0)]
+    while stack:
+        item, where, parent, key = stack.pop()
+        if item is None or type(item) in (bool, str, int):
+            parent[key] = item
+        elif isinstance(item, float):
+            if not math.isfinite(item):
+                raise ValueError(f"{where} holds {item!r}; JSON numbers must be finite")
+            parent[key] = float(item)
+        elif isinstance(item, int) and not isinstance(item, bool):
+            parent[key] = int(item)
+        elif type(item) is list:
+            parent[key] = made = [None] * len(item)
+            stack.extend((v, f"{where}[{i}]", made, i) for i, v in enumerate(item))
+        elif isinstance(item, dict):
+            made_dict: dict[str, Any] = {}
+            parent[key] = made_dict
+            for k in item:
+                if type(k) is not str:
+                    raise ValueError(f"{where} has the key {k!r}; JSON object keys are strings")
+                made_dict[k] = None  # keeps the order of the keys
+            stack.extend((v, f"{where}.{k}", made_dict, k) for k, v in item.items())
+        else:
+            raise ValueError(f"{where} holds a {type(item).__qualname__}, which is not JSON "
+                             "data (null, boolean, number, string, list or object)")
+    return out[0]
+
+
+def _json_object(path: str) -> Any:
+    def check(value: object) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise ValueError("expected a JSON object")
+        result: dict[str, Any] = json_value(value, path)
+        return result
+    return PlainValidator(check)
+
+
+# A marker that json_schemas() replaces by an object of JSON values.
+_JSON_MARK = "x-vgs-ckpt-json-object"
+_JSON_OBJECT_SCHEMA = WithJsonSchema({_JSON_MARK: True})
+JSON_VALUE_SCHEMA: dict[str, Any] = {
+    "description": "Any JSON value; numbers finite (docs/spec.md section 4).",
+    "type": ["null", "boolean", "number", "string", "array", "object"],
+    "items": {"$ref": "#/$defs/JsonValue"},
+    "additionalProperties": {"$ref": "#/$defs/JsonValue"},
+}
+
+_RFC3339 = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt]([0-9]{2}):([0-9]{2}):([0-9]{2})"
+                      r"(?:\.([0-9]+))?(?:([Zz])|([+-])([0-9]{2}):([0-9]{2}))")
+RFC3339_PATTERN = (r"^[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])[Tt]"
+                   r"([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]+)?"
+                   r"([Zz]|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$")
+
+
+def parse_timestamp(text: str) -> datetime:
+    """An RFC 3339 ``date-time`` (spec section 4.1) as an aware datetime in UTC.
+
+    Raises:
+        ValueError: not of that form, a date or time out of range (a leap second
+            ``:60`` included), or an instant outside the years 0001-9999 in UTC.
+    """
+    match = _RFC3339.fullmatch(text)
+    if match is None:
+        raise ValueError("expected an RFC 3339 date-time such as 2026-01-01T00:00:00Z "
+                         "('T' between date and time, a 'Z' or +hh:mm offset)")
+    year, month, day, hour, minute, second = (int(g) for g in match.groups()[:6])
+    fraction, zulu, sign, off_h, off_m = match.groups()[6:]
+    if second == 60:
+        raise ValueError("a leap second (:60) is not accepted; write :59")
+    offset = timedelta(0)
+    if not zulu:
+        if int(off_h) > 23 or int(off_m) > 59:
+            raise ValueError(f"time zone offset {sign}{off_h}:{off_m} is out of range")
+        offset = (1 if sign == "+" else -1) * timedelta(hours=int(off_h), minutes=int(off_m))
+    micro = int((fraction or "0")[:6].ljust(6, "0"))
+    try:
+        local = datetime(year, month, day, hour, minute, second, micro, timezone(offset))
+        return local.astimezone(UTC)
+    except (ValueError, OverflowError) as exc:
+        raise ValueError(f"date-time out of range ({exc})") from None
+
+
+def format_timestamp(value: datetime) -> str:
+    """The writers' form of a timestamp: UTC, ``Z``, microseconds only when not zero."""
+    value = value.astimezone(UTC)
+    text = value.strftime("%Y-%m-%dT%H:%M:%S")
+    if value.year < 1000:  # strftime does not pad every platform's years
+        text = f"{value.year:04d}{text[text.index('-'):]}"
+    return f"{text}.{value.microsecond:06d}Z" if value.microsecond else f"{text}Z"
+
+
+def _created_at(value: object) -> datetime:
+    if type(value) is str:
+        return parse_timestamp(value)
+    if isinstance(value, datetime):
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValueError("a datetime without a time zone; pass an aware one, e.g. "
+                             "datetime.now(UTC)")
+        return value.astimezone(UTC)
+    raise ValueError("expected an RFC 3339 date-time string")
+
+
+Timestamp: TypeAlias = Annotated[
+    datetime, PlainValidator(_created_at), PlainSerializer(format_timestamp, when_used="json"),
+    WithJsonSchema({"type": "string", "pattern": RFC3339_PATTERN})]
 
 
 class _Model(BaseModel):
@@ -117,24 +240,24 @@ class TensorInfo(_Model):
     # Always set in a file (the schema requires it). None only in memory, for a tensor
     # not stored in this layout yet: one read from a legacy torch file, or moved by an
     # in-memory upgrade; save() computes it.
-    digest: Annotated[Annotated[str, Field(pattern=_DIGEST_PATTERN)] | None,
+    digest: Annotated[Annotated[StrictStr, Field(pattern=_DIGEST_PATTERN)] | None,
                       WithJsonSchema({"type": "string", "pattern": _DIGEST_PATTERN})]
 
 
 class Producer(_Model):
     """The program that wrote the file."""
 
-    name: Annotated[str, Field(min_length=1)]
-    version: Annotated[str, Field(min_length=1)]
+    name: NonEmptyStr
+    version: NonEmptyStr
 
 
 class ExploitSource(_Model):
     """Where a member's state came from when it exploited another member."""
 
-    member_id: Annotated[str, Field(min_length=1)]
+    member_id: NonEmptyStr
     step: NonNegativeInt
     performance: FiniteFloat | None = None
-    file: str | None = None
+    file: StrictStr | None = None
 
 
 class Lineage(_Model):
@@ -146,12 +269,13 @@ class Lineage(_Model):
 class Provenance(_Model):
     """What an upgrade did to a checkpoint that was written in an older format."""
 
-    original_format: Annotated[str, Field(min_length=1)]
+    original_format: NonEmptyStr
     original_container: ContainerKind
-    original_vgs_version: str | None = None
-    applied_steps: list[str] = []
-    vgs_state_absent: bool = False
-    legacy: dict[str, JsonValue] = {}
+    original_vgs_version: StrictStr | None = None
+    applied_steps: list[StrictStr] = []
+    vgs_state_absent: StrictBool = False
+    legacy: Annotated[dict[str, Any], _json_object("provenance.legacy"),
+                      _JSON_OBJECT_SCHEMA] = {}
 
 
 class VGSRole(enum.Enum):
@@ -174,19 +298,18 @@ class VGSState(_Model):
 
     # In the order of the original scaler's state_dict() keys.
     enabled: Annotated[StrictBool, _KNOB] = True
-    beta: Annotated[StrictFloat, Field(gt=0.0, lt=1.0), _KNOB]
-    alpha: Annotated[StrictFloat, AfterValidator(_finite), Field(ge=0.0), _KNOB]
-    eps: Annotated[StrictFloat, AfterValidator(_finite), Field(gt=0.0), _KNOB]
-    warmup_steps: Annotated[StrictInt, Field(ge=0), _KNOB]
-    step_count: Annotated[StrictInt, Field(ge=0), _STAT]
+    beta: Annotated[FiniteFloat, Field(gt=0.0, lt=1.0), _KNOB]
+    alpha: Annotated[FiniteFloat, Field(ge=0.0), _KNOB]
+    eps: Annotated[FiniteFloat, Field(gt=0.0), _KNOB]
+    warmup_steps: Annotated[NonNegativeInt, _KNOB]
+    step_count: Annotated[NonNegativeInt, _STAT]
     min_scaling_factor: Annotated[
-        Annotated[StrictFloat, Field(gt=0.0, le=1.0)] | None, _KNOB] = None
-    variance_cap: Annotated[
-        Annotated[StrictFloat, AfterValidator(_finite), Field(gt=0.0)] | None, _KNOB] = None
+        Annotated[FiniteFloat, Field(gt=0.0, le=1.0)] | None, _KNOB] = None
+    variance_cap: Annotated[Annotated[FiniteFloat, Field(gt=0.0)] | None, _KNOB] = None
     # Names of the per-parameter EMA tensors in this file, or null.
-    param_grad_mean_ema: Annotated[str | None, _TENSOR] = None
-    param_grad_sq_ema: Annotated[str | None, _TENSOR] = None
-    param_numel: Annotated[str | None, _TENSOR] = None
+    param_grad_mean_ema: Annotated[StrictStr | None, _TENSOR] = None
+    param_grad_sq_ema: Annotated[StrictStr | None, _TENSOR] = None
+    param_numel: Annotated[StrictStr | None, _TENSOR] = None
     # Legacy global statistics (logging only); any float, NaN and inf included.
     grad_mean_ema: Annotated[AnyFloat | None, _STAT] = None
     grad_var_ema: Annotated[AnyFloat | None, _STAT] = None
@@ -199,31 +322,27 @@ class _Header(_Model):
     format_version: CheckpointFormat
     step: NonNegativeInt
     performance: FiniteFloat | None = None
-    member_id: Annotated[str, Field(min_length=1)] | None = None
+    member_id: NonEmptyStr | None = None
     producer: Producer
-    created_at: AwareDatetime
+    created_at: Timestamp
     tree: TreeRoot
     tensors: dict[str, TensorInfo]
     provenance: Provenance | None = None
-
-    @field_validator("created_at")
-    @classmethod
-    def _utc(cls, value: datetime) -> datetime:
-        return value.astimezone(UTC)
 
 
 class CheckpointV1(_Header):
     """``v1_policy_only``: the policy's weights only, as the original scheduler wrote."""
 
     format_version: Literal[CheckpointFormat.V1_POLICY_ONLY]
-    has_optimizer_state: bool = False
+    has_optimizer_state: StrictBool = False
 
 
 class CheckpointV2(_Header):
     """``v2_full_parameters``: the whole parameter tree of a PBT member."""
 
     format_version: Literal[CheckpointFormat.V2_FULL_PARAMETERS]
-    hyperparams: dict[str, Annotated[JsonValue, AfterValidator(_finite_json)]] = {}
+    hyperparams: Annotated[dict[str, Any], _json_object("hyperparams"),
+                           _JSON_OBJECT_SCHEMA] = {}
     lineage: Lineage = Lineage()
     vgs: VGSState | None = None
 
@@ -280,6 +399,10 @@ def _replace_tree_marks(node: Any) -> None:
         for key, value in node.items():
             if isinstance(value, dict) and value.get(_TREE_MARK) is True:
                 node[key] = {"$ref": "#/$defs/TreeRoot", "title": value.get("title", "Tree")}
+            elif isinstance(value, dict) and value.get(_JSON_MARK) is True:
+                node[key] = {**{k: v for k, v in value.items() if k != _JSON_MARK},
+                             "type": "object",
+                             "additionalProperties": {"$ref": "#/$defs/JsonValue"}}
             else:
                 _replace_tree_marks(value)
     elif isinstance(node, list):
@@ -300,6 +423,7 @@ def json_schemas() -> dict[str, dict[str, Any]]:
         document.setdefault("$defs", {})
         if stem != "vgs_state":
             document["$defs"]["TreeNode"] = TREE_NODE_SCHEMA
+            document["$defs"]["JsonValue"] = JSON_VALUE_SCHEMA
             # Only a dict node may be the root of the tree.
             document["$defs"]["TreeRoot"] = {"allOf": [{"$ref": TREE_REF},
                                                        {"type": "object", "required": ["dict"]}]}

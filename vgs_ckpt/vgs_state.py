@@ -22,10 +22,10 @@ from collections.abc import Mapping
 from typing import Any
 
 import pydantic
-import torch
 
 from vgs_ckpt._tree import dict_items
 from vgs_ckpt.errors import (
+    FormatError,
     InvalidVGSStateWarning,
     UnsupportedVersionError,
     UsageError,
@@ -36,7 +36,7 @@ from vgs_ckpt.models import VGS_VERSIONS, VGSRole, VGSState, describe_validation
 
 __all__ = ["ADDED_IN_3_2", "DEFAULTS", "HYPERPARAM_PREFIX", "KEY", "KNOBS", "LATEST",
            "SCALAR_KEYS", "STATE_KEYS", "STATISTICS", "TENSOR_KEYS", "VERSIONS", "check",
-           "same_summary", "summary", "version_of"]
+           "check_stored", "same_summary", "summary", "version_of"]
 
 KEY = "vgs_state"
 HYPERPARAM_PREFIX = "vgs_"
@@ -69,14 +69,15 @@ def version_of(state: Mapping[str, Any], where: str = "") -> str:
     """The version of a VGS state_dict; a state without ``vgs_version`` is "1.0".
 
     Raises:
-        UnsupportedVersionError: a version this library does not know.
+        UnsupportedVersionError: any other value than a version this library knows (spec
+            section 9.5), whoever reads it: ``load``, ``load(upgrade=False)``, ``open``.
     """
     version = state.get("vgs_version", _UNVERSIONED)
-    if version not in VERSIONS:
+    if type(version) is not str or version not in VERSIONS:
         raise UnsupportedVersionError(
-            f"{where + ': ' if where else ''}{KEY}.vgs_version {version!r} is not a VGS version "
-            f"this library knows ({', '.join(VERSIONS)}); upgrade vgs_ckpt")
-    return str(version)
+            f"{where + ': ' if where else ''}{KEY}.vgs_version {version!r:.40} is not a VGS "
+            f"version this library knows ({', '.join(VERSIONS)}); upgrade vgs_ckpt")
+    return version
 
 
 def check(fields: Mapping[str, Any], where: str, error: type[VgsCkptError] | None,
@@ -89,48 +90,140 @@ def check(fields: Mapping[str, Any], where: str, error: type[VgsCkptError] | Non
     give an :class:`InvalidVGSStateWarning` naming them (unless ``quiet``) and come
     back unvalidated, exactly as given.
     """
+    model, problem = _validate(fields, [], what.partition(": ")[2])
+    if model is not None:
+        return model
+    return _invalid(fields, f"{where}: {what.partition(': ')[0]}: {problem}", error, fix, quiet)
+
+
+def _validate(fields: Mapping[str, Any], problems: list[str], prefix: str
+              ) -> tuple[VGSState | None, str]:
+    """The validated model, or None and every problem (``problems`` first)."""
     try:
-        return VGSState.model_validate(fields)
+        model = VGSState.model_validate(fields)
     except pydantic.ValidationError as exc:
-        label, _, prefix = what.partition(": ")
-        problem = f"{where}: {label}: {describe_validation(exc, prefix)}"
-        if error is not None:
-            raise error(f"{problem}{'; ' + fix if fix else ''}") from None
-        if not quiet:
-            warn(f"{problem}; returned as stored - fix parameters[{KEY!r}] before saving or "
-                 "upgrading it", InvalidVGSStateWarning)
-        return VGSState.model_construct(**{name: fields.get(name)
-                                           for name in VGSState.model_fields})
+        return None, "; ".join([*problems, describe_validation(exc, prefix)])
+    return (None, "; ".join(problems)) if problems else (model, "")
 
 
-def summary(parameters: Mapping[Any, Any], tree: Mapping[str, Any], where: str,
-            error: type[VgsCkptError] | None = UsageError, fix: str = "",
-            quiet: bool = False) -> VGSState | None:
-    """The header's ``vgs`` field for ``parameters[KEY]``, or None when there is none.
+def _invalid(fields: Mapping[str, Any], problem: str, error: type[VgsCkptError] | None,
+             fix: str, quiet: bool) -> VGSState:
+    if error is not None:
+        raise error(f"{problem}{'; ' + fix if fix else ''}") from None
+    if not quiet:
+        warn(f"{problem}; returned as stored - fix parameters[{KEY!r}] before saving or "
+             "upgrading it", InvalidVGSStateWarning)
+    return VGSState.model_construct(**{name: fields.get(name) for name in VGSState.model_fields})
 
-    ``tree`` is the encoded tree (it names the per-parameter tensors). ``error``,
-    ``fix`` and ``quiet`` are as for :func:`check`.
-    """
-    state = parameters.get(KEY)
-    if state is None:
-        return None
-    if not isinstance(state, Mapping):
-        raise (error or UsageError)(
-            f"{where}: {KEY!r} must be a dict (a VGS state_dict()) or None, got "
-            f"{type(state).__qualname__}")
+
+# The types a VGS state's scalars have in a tree (spec section 8): plain values, never a
+# tensor, a numpy scalar or a string standing for a number.
+_NUMBER = (int, float)
+_TREE_TYPES: dict[str, tuple[type, ...]] = {
+    "enabled": (bool,), "warmup_steps": (int,), "step_count": (int,),
+    **{key: _NUMBER for key in ("beta", "alpha", "eps", "min_scaling_factor",
+                                "variance_cap", "grad_mean_ema", "grad_var_ema",
+                                "grad_norm_ema", "grad_max_ema")},
+}
+
+
+def _fields(state: Mapping[Any, Any], tree: Mapping[str, Any], where: str
+            ) -> tuple[dict[str, Any], list[str]]:
+    """The summary's fields for a stored state, and the problems of the state's own
+    types (a scalar that is not a plain value, a per-parameter member that is not a
+    tensor). Raises UnsupportedVersionError for an unknown version."""
     fields: dict[str, Any] = {"vgs_version": version_of(state, where)}
+    problems: list[str] = []
     for key in SCALAR_KEYS:
         value = state.get(key)
-        if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_meta:
-            value = value.item()
+        if value is not None and type(value) not in _TREE_TYPES[key]:
+            kinds = " or ".join(t.__name__ for t in _TREE_TYPES[key])
+            problems.append(f"{KEY}.{key}: must be a plain {kinds} (not a tensor, numpy "
+                            f"scalar or string), got {type(value).__qualname__}")
         fields[key] = value
     if fields["enabled"] is None:
         fields["enabled"] = DEFAULTS["enabled"]
     nodes = dict(_vgs_items(tree))
     for key in TENSOR_KEYS:
         node = nodes.get(key)
-        fields[key] = node["tensor"] if type(node) is dict and "tensor" in node else None
-    return check(fields, where, error, fix, quiet=quiet)
+        if type(node) is dict and type(node.get("tensor")) is str:
+            fields[key] = node["tensor"]
+        else:
+            fields[key] = None
+            if state.get(key) is not None:
+                problems.append(f"{KEY}.{key}: must be a torch tensor (a tensor node) or "
+                                f"None, got {type(state.get(key)).__qualname__}")
+    return fields, problems
+
+
+def summary(parameters: Mapping[Any, Any], tree: Mapping[str, Any], where: str,
+            error: type[VgsCkptError] | None = UsageError, fix: str = "",
+            quiet: bool = False, kind_error: type[VgsCkptError] = UsageError
+            ) -> VGSState | None:
+    """The header's ``vgs`` field for ``parameters[KEY]``, or None when there is none.
+
+    ``tree`` is the encoded tree (it names the per-parameter tensors). ``error``,
+    ``fix`` and ``quiet`` are as for :func:`check`; a state that is neither a dict nor
+    None raises ``kind_error``.
+    """
+    state = parameters.get(KEY)
+    if state is None:
+        return None
+    if not isinstance(state, Mapping):
+        raise kind_error(
+            f"{where}: {KEY!r} must be a dict (a VGS state_dict()) or None, got "
+            f"{type(state).__qualname__}")
+    fields, problems = _fields(state, tree, where)
+    model, problem = _validate(fields, problems, KEY)
+    if model is not None:
+        return model
+    return _invalid(fields, f"{where}: invalid VGS state: {problem}", error, fix, quiet)
+
+
+def check_stored(structure: Mapping[Any, Any], tree: Mapping[str, Any], stored: Any,
+                 where: str, as_stored: bool) -> VGSState | None:
+    """The header's ``vgs`` of a v2 file, checked against the decoded tree
+    (``structure``, tensors as specs; spec section 8).
+
+    A valid state needs a summary that matches it, else FormatError. An invalid one is
+    a FormatError too, unless the file is read ``as_stored``: then an
+    InvalidVGSStateWarning names the problems and the summary is kept as stored,
+    unchecked (salvage). A state that is neither a dict nor null is a FormatError, an
+    unknown ``vgs_version`` an UnsupportedVersionError, in every case.
+    """
+    state = structure.get(KEY)
+    if state is None:
+        if stored is not None:
+            raise FormatError(f"{where}: the header has a VGS summary but the tree has no "
+                              f"{KEY!r}; the file is corrupt")
+        return None
+    if not isinstance(state, Mapping):
+        raise FormatError(f"{where}: {KEY!r} must be a dict node or null, got "
+                          f"{type(state).__qualname__}; the file is corrupt")
+    fields, problems = _fields(state, tree, where)
+    model, problem = _validate(fields, problems, KEY)
+    if model is None:
+        if not as_stored:
+            raise FormatError(f"{where}: invalid VGS state: {problem}; load it with "
+                              "upgrade=False to salvage the data")
+        warn(f"{where}: invalid VGS state: {problem}; returned as stored - fix "
+             f"parameters[{KEY!r}] before saving or upgrading it", InvalidVGSStateWarning)
+        kept = stored if type(stored) is dict else {}
+        return VGSState.model_construct(**{n: kept.get(n) for n in VGSState.model_fields})
+    if type(stored) is not dict:
+        raise FormatError(f"{where}: the header's VGS summary must be an object for the "
+                          f"stored {KEY!r}, got {stored!r:.40}; the file is corrupt")
+    try:
+        found = VGSState.model_validate(stored)
+    except pydantic.ValidationError as exc:
+        raise FormatError(f"{where}: the header's VGS summary is invalid: "
+                          f"{describe_validation(exc, 'vgs')}; the file is corrupt") from None
+    differ = [n for n in VGSState.model_fields
+              if not _same(getattr(found, n), getattr(model, n))]
+    if differ:
+        raise FormatError(f"{where}: the header's VGS summary does not match the stored "
+                          f"{KEY!r} (differs in {', '.join(differ)}); the file is corrupt")
+    return found
 
 
 def _vgs_items(tree: Mapping[str, Any]) -> list[tuple[Any, Any]]:

@@ -13,11 +13,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from vgs_ckpt import _header
+from vgs_ckpt import _header, vgs_state
 from vgs_ckpt._container import Container, Entry, Source, read_container
-from vgs_ckpt._tree import Decoder, dict_items, references, subnode
+from vgs_ckpt._tree import Decoder, check_names, dict_items, references, subnode
 from vgs_ckpt.errors import FormatError, IntegrityError, UsageError, VgsCkptError
-from vgs_ckpt.models import CheckpointHeader
+from vgs_ckpt.models import CheckpointHeader, CheckpointV1
 from vgs_ckpt.readers.base import CheckpointReader, TensorSpec, TreePath, as_path, no_such
 
 __all__ = ["SafetensorsReader", "read_header"]
@@ -27,9 +27,25 @@ def read_header(source: Source, vgs_error: type[VgsCkptError] | None = None
                 ) -> tuple[Container, CheckpointHeader]:
     """The container and the validated header of a vgs_ckpt source, with the tree's
     structure checked as the reader will decode it (no tensor bytes are read)."""
+    where = source.where
     container = read_container(source)
-    header = _header.parse(container, source.where, vgs_error)
-    decode(header.tree, _SpecDecoder(container), source.where)
+    header, stored_vgs = _header.parse(container, where)
+    structure = decode(header.tree, _SpecDecoder(container), where)
+    try:
+        check_names(header.tree, container.entries)
+    except FormatError as exc:
+        raise FormatError(f"{where}: {exc}; the file is corrupt") from None
+    if isinstance(header, CheckpointV1):
+        holds = "optimizer_state" in structure
+        if header.has_optimizer_state != holds:
+            raise FormatError(f"{where}: has_optimizer_state is "
+                              f"{str(header.has_optimizer_state).lower()} but the tree "
+                              f"{'has' if holds else 'has no'} top-level 'optimizer_state' "
+                              "(spec section 4.2); the file is corrupt")
+    else:
+        summary = vgs_state.check_stored(structure, header.tree, stored_vgs, where,
+                                         as_stored=vgs_error is None)
+        header = header.model_copy(update={"vgs": summary})
     return container, header
 
 
@@ -162,6 +178,9 @@ def _array(kind: str, entry: Entry, raw: memoryview, shared: bool) -> Any:
     """The array stored in ``raw``: a view of it when ``shared`` (memory private to
     this process, aligned), else a copy."""
     dtype = entry.dtype
+    if dtype.code == "BOOL" and entry.nbytes and int(np.frombuffer(raw, np.uint8).max()) > 1:
+        raise FormatError(f"tensor {entry.name!r} of BOOL holds bytes other than 0 and 1 "
+                          "(spec section 2); the file is corrupt")
     if kind == "numpy":
         if dtype.numpy is None:
             raise FormatError(f"tensor {entry.name!r} of dtype {dtype.code} is marked as a "
@@ -213,7 +232,9 @@ class _SpecDecoder(Decoder):
         return found
 
     def npscalar(self, name: str) -> Any:
-        return TensorSpec(**{**self._array(name, "numpy").__dict__, "kind": "npscalar"})
+        found = self._array(name, "numpy")
+        self.check_scalar(name, found.shape)
+        return TensorSpec(**{**found.__dict__, "kind": "npscalar"})
 
 
 def decode(node: Any, decoder: Decoder, where: str) -> Any:
