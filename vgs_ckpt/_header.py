@@ -151,7 +151,7 @@ def header_json(header: CheckpointV1 | CheckpointV2) -> str:
     order, no whitespace, raw UTF-8, numbers as Python's ``repr``, the timestamp in UTC
     with ``Z``, and the VGS summary's non-finite statistics as "NaN", "Infinity",
     "-Infinity"."""
-    data = header.model_dump(mode="json")
+    data = header_data(header)
     if isinstance(header, CheckpointV2) and header.vgs is not None:
         for key in vgs_state.STATISTICS:
             value = data["vgs"].get(key)
@@ -163,6 +163,28 @@ def header_json(header: CheckpointV1 | CheckpointV2) -> str:
     except ValueError as exc:  # an int beyond CPython's digit limit, in hyperparams say
         raise UsageError(f"the header would not read back ({exc}); nothing was written - "
                          "store big integers as strings or tensors") from None
+
+
+def header_data(header: CheckpointV1 | CheckpointV2) -> dict[str, Any]:
+    """The header as JSON data, members in the models' order. The free-form parts (the
+    tree, hyperparameters, provenance's legacy record) are taken as they are: pydantic's
+    serializer stops at a nesting depth below the JSON limit of spec section 2."""
+    free = {"tree": header.tree}
+    if isinstance(header, CheckpointV2):
+        free["hyperparams"] = header.hyperparams
+    data = header.model_dump(mode="json", exclude={*free, "provenance"})
+    out: dict[str, Any] = {}
+    for name in type(header).model_fields:
+        if name in free:
+            out[name] = free[name]
+        elif name == "provenance":
+            provenance = header.provenance
+            out[name] = None if provenance is None else {
+                **provenance.model_dump(mode="json", exclude={"legacy"}),
+                "legacy": provenance.legacy}
+        else:
+            out[name] = data[name]
+    return out
 
 
 def dumps(value: Any) -> str:

@@ -196,7 +196,8 @@ def _verify(args: argparse.Namespace) -> int:
               "with `vgs-ckpt upgrade` to get digests")
         return 0
     print(f"OK {_safe(args.path)}: {ckpt.format.value}, {count} tensors verified against "
-          "their digests")
+          "their digests; the header was checked against the spec, but no digest covers it "
+          "(an edited step or hyperparameter that stays valid is not detected: spec section 7)")
     return 0
 
 
@@ -331,7 +332,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     _storage_flag(p)
     p.set_defaults(run=_inspect)
-    p = sub.add_parser("verify", help="load a file and check every tensor's digest")
+    p = sub.add_parser("verify", help="load a file, check every tensor's digest and the header "
+                       "against the spec (digests cover tensor bytes only, not the header)")
     p.add_argument("path")
     _storage_flag(p)
     p.set_defaults(run=_verify)

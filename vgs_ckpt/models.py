@@ -29,7 +29,7 @@ from pydantic import (
     WithJsonSchema,
 )
 
-from vgs_ckpt._dtypes import CODES
+from vgs_ckpt._dtypes import CODES, MAX_DIMS
 from vgs_ckpt._tree import node_schema
 from vgs_ckpt.errors import ArgumentError, FormatError, UnsupportedVersionError
 
@@ -352,7 +352,7 @@ CheckpointHeader: TypeAlias = Annotated[
 ]
 header_adapter: TypeAdapter[CheckpointV1 | CheckpointV2] = TypeAdapter(CheckpointHeader)
 
-_VERSION_RE = re.compile(r"^v(\d+)_[a-z0-9_]+$")
+_VERSION_RE = re.compile(r"^v([0-9]+)_[a-z0-9_]+$")
 
 
 def format_number(format_version: str) -> int | None:
@@ -410,9 +410,50 @@ def _replace_tree_marks(node: Any) -> None:
             _replace_tree_marks(item)
 
 
+def container_schema() -> dict[str, Any]:
+    """The JSON Schema of the safetensors container header (spec sections 2 and 3): what
+    JSON Schema can say of it; tiling, alignment and padding are rules of section 2."""
+    offset = {"type": "integer", "minimum": 0}
+    return {
+        "title": "Container header",
+        "description": "The JSON object at bytes 8..8+N of a vgs_ckpt file "
+                       "(docs/spec.md sections 2 and 3): __metadata__ and one entry per "
+                       "tensor.",
+        "type": "object",
+        "required": ["__metadata__"],
+        "properties": {"__metadata__": {
+            "type": "object",
+            "required": ["format", "vgs_ckpt.format_version", "vgs_ckpt.header"],
+            "properties": {
+                "format": {"const": "pt"},
+                "vgs_ckpt.format_version": {"type": "string",
+                                            "pattern": _VERSION_RE.pattern},
+                "vgs_ckpt.header": {"type": "string", "contentMediaType": "application/json",
+                                    "contentSchema": {"$ref": "header.schema.json"}},
+            },
+            "additionalProperties": {"type": "string"},
+        }},
+        "additionalProperties": {"$ref": "#/$defs/TensorEntry"},
+        "$defs": {"TensorEntry": {
+            "type": "object",
+            "required": ["dtype", "shape", "data_offsets"],
+            "additionalProperties": False,
+            "properties": {
+                "dtype": {"enum": list(CODES)},
+                "shape": {"type": "array", "maxItems": MAX_DIMS,
+                          "items": {"type": "integer", "minimum": 0,
+                                    "maximum": 2**63 - 1}},
+                "data_offsets": {"type": "array", "minItems": 2, "maxItems": 2,
+                                 "prefixItems": [offset, offset], "items": False},
+            },
+        }},
+    }
+
+
 def json_schemas() -> dict[str, dict[str, Any]]:
     """The JSON Schema documents generated from the models, keyed by file stem."""
     documents = {
+        "container": container_schema(),
         "header": header_adapter.json_schema(mode="validation"),
         "checkpoint_v1": CheckpointV1.model_json_schema(mode="validation"),
         "checkpoint_v2": CheckpointV2.model_json_schema(mode="validation"),
@@ -421,7 +462,7 @@ def json_schemas() -> dict[str, dict[str, Any]]:
     for stem, document in documents.items():
         _replace_tree_marks(document)
         document.setdefault("$defs", {})
-        if stem != "vgs_state":
+        if stem not in ("vgs_state", "container"):
             document["$defs"]["TreeNode"] = TREE_NODE_SCHEMA
             document["$defs"]["JsonValue"] = JSON_VALUE_SCHEMA
             # Only a dict node may be the root of the tree.
