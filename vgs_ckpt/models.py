@@ -410,6 +410,17 @@ def _replace_tree_marks(node: Any) -> None:
             _replace_tree_marks(item)
 
 
+def _drop_openapi(node: Any) -> None:
+    """Remove pydantic's ``discriminator`` (an OpenAPI keyword, not JSON Schema's)."""
+    if isinstance(node, dict):
+        node.pop("discriminator", None)
+        for value in node.values():
+            _drop_openapi(value)
+    elif isinstance(node, list):
+        for item in node:
+            _drop_openapi(item)
+
+
 def container_schema() -> dict[str, Any]:
     """The JSON Schema of the safetensors container header (spec sections 2 and 3): what
     JSON Schema can say of it; tiling, alignment and padding are rules of section 2."""
@@ -461,6 +472,7 @@ def json_schemas() -> dict[str, dict[str, Any]]:
     }
     for stem, document in documents.items():
         _replace_tree_marks(document)
+        _drop_openapi(document)
         document.setdefault("$defs", {})
         if stem not in ("vgs_state", "container"):
             document["$defs"]["TreeNode"] = TREE_NODE_SCHEMA

@@ -135,13 +135,14 @@ def _fields(state: Mapping[Any, Any], tree: Mapping[str, Any], where: str
     fields: dict[str, Any] = {"vgs_version": version_of(state, where)}
     problems: list[str] = []
     for key in SCALAR_KEYS:
-        value = state.get(key)
+        if key not in state:  # a required one is reported missing by the model
+            continue
+        value = fields[key] = state[key]
         if value is not None and type(value) not in _TREE_TYPES[key]:
             kinds = " or ".join(t.__name__ for t in _TREE_TYPES[key])
             problems.append(f"{KEY}.{key}: must be a plain {kinds} (not a tensor, numpy "
                             f"scalar or string), got {type(value).__qualname__}")
-        fields[key] = value
-    if fields["enabled"] is None:
+    if fields.get("enabled") is None:
         fields["enabled"] = DEFAULTS["enabled"]
     nodes = dict(_vgs_items(tree))
     for key in TENSOR_KEYS:
