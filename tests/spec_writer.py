@@ -1,4 +1,4 @@
-"""An independent writer of docs/spec.md's byte form (section 2.1), for tests.
+"""An independent writer of docs/spec.md's byte form (section 2.11), for tests.
 
 Written from the spec's text only: struct, the standard json module for string
 escapes, numpy for tensor bytes and xxhash for digests; no vgs_ckpt code. Numbers are
@@ -24,7 +24,7 @@ CODES = {torch.bool: ("BOOL", 1), torch.uint8: ("U8", 1), torch.int8: ("I8", 1),
 
 
 def number(x: float) -> str:
-    """A finite float in the writers' form (spec section 2.1)."""
+    """A finite float in the writers' form (spec section 2.11)."""
     if x == 0:
         return "-0.0" if math.copysign(1, x) < 0 else "0.0"
     for precision in range(17):

@@ -147,7 +147,7 @@ def metadata(header: CheckpointV1 | CheckpointV2) -> dict[str, str]:
 
 
 def header_json(header: CheckpointV1 | CheckpointV2) -> str:
-    """The header as the writers' JSON text (spec section 2.1): members in the models'
+    """The header as the writers' JSON text (spec section 2.11): members in the models'
     order, no whitespace, raw UTF-8, numbers as Python's ``repr``, the timestamp in UTC
     with ``Z``, and the VGS summary's non-finite statistics as "NaN", "Infinity",
     "-Infinity"."""
@@ -188,7 +188,7 @@ def header_data(header: CheckpointV1 | CheckpointV2) -> dict[str, Any]:
 
 
 def dumps(value: Any) -> str:
-    """JSON text in the writers' form (spec section 2.1)."""
+    """JSON text in the writers' form (spec section 2.11)."""
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
