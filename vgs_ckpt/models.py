@@ -482,6 +482,11 @@ def json_schemas() -> dict[str, dict[str, Any]]:
                                                        {"type": "object", "required": ["dict"]}]}
         if not document["$defs"]:
             del document["$defs"]
+        document["$comment"] = (
+            "docs/spec.md is normative; this schema states what JSON Schema can of it. "
+            "Validate JSON parsed with numbers that have a fraction or exponent kept apart "
+            "from integers (Python: json.loads(text, parse_float=decimal.Decimal)), so that "
+            "1.0 is not an integer, as the spec requires (appendix B).")
         document["$schema"] = "https://json-schema.org/draft/2020-12/schema"
         document["$id"] = f"https://vgs-ckpt.dev/schema/{stem}.schema.json"
     return documents
