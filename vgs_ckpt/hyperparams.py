@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from vgs_ckpt.errors import UsageError
-from vgs_ckpt.vgs import VarianceGradientScaler
+from vgs_ckpt.vgs import VarianceGradientScaler, plain
 from vgs_ckpt.vgs_state import HYPERPARAM_PREFIX, KNOBS
 from vgs_ckpt.vgs_state import KEY as VGS_KEY
 
@@ -90,7 +90,7 @@ def apply_to_scaler(scaler: VarianceGradientScaler, knobs: Mapping[str, Any]) ->
     a UsageError and nothing is set."""
     check_knobs(scaler, knobs)
     for knob, value in knobs.items():
-        setattr(scaler, knob, value)
+        setattr(scaler, knob, plain(value))
 
 
 def _is_optimizer_state(value: Any) -> bool:

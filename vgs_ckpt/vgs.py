@@ -14,6 +14,7 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
 from vgs_ckpt import vgs_state
@@ -54,13 +55,15 @@ class VarianceGradientScaler:
                  min_scaling_factor: float = DEFAULTS["min_scaling_factor"],
                  variance_cap: float | None = DEFAULTS["variance_cap"]) -> None:
         self.params = list(parameters)
-        self.enabled = enabled
-        self.beta = beta
-        self.alpha = alpha
-        self.eps = eps
-        self.warmup_steps = warmup_steps
-        self.min_scaling_factor = min_scaling_factor
-        self.variance_cap = variance_cap
+        # Knobs are kept as plain Python values (a numpy or 0-d tensor number sampled by a
+        # tuner becomes its float or int): a checkpoint stores plain values (spec 8.1).
+        self.enabled: bool = plain(enabled)
+        self.beta: float = plain(beta)
+        self.alpha: float = plain(alpha)
+        self.eps: float = plain(eps)
+        self.warmup_steps: int = plain(warmup_steps)
+        self.min_scaling_factor: float = plain(min_scaling_factor)
+        self.variance_cap: float | None = plain(variance_cap)
         # Refuse a bad configuration early.
         vgs_state.check({"vgs_version": vgs_state.LATEST, **self.config(), "step_count": 0},
                         "VarianceGradientScaler", UsageError, "fix the scaler's arguments",
@@ -255,6 +258,15 @@ class VarianceGradientScaler:
             setattr(self, key, _copy(value))
         self._pending = (0, 0.0, 0.0, 0.0)
         return applied
+
+
+def plain(value: Any) -> Any:
+    """A numpy scalar or a one-element tensor as its Python value; anything else as is."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_meta:
+        return value.item()
+    return value
 
 
 def _copy(tensor: torch.Tensor | None) -> torch.Tensor | None:
