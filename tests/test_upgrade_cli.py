@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import os
 import warnings
 from pathlib import Path
@@ -50,8 +52,12 @@ def test_out_dir_converts_good_files_and_reports_bad_ones(
         "member_0"]
     assert "vgs_2.0->3.1, vgs_3.1->3.2" in rows["member_1"]
     assert "up to date" in rows["member_3"]
-    assert "failed: FormatError" in rows["corrupt"]
-    assert "failed: UnsafeCheckpointError" in rows["unsafe"]
+    table = text.split("\n\n")[0]  # each failure's message follows the table
+    assert "failed (below)" in _results(table)["corrupt"]
+    assert "failed (below)" in _results(table)["unsafe"]
+    assert re.search(r"corrupt\.pt:\n  FormatError: ", text)
+    assert re.search(r"unsafe\.pt:\n  UnsafeCheckpointError: ", text)
+    assert "Error" not in table  # messages below: one long message does not widen every row
     assert "notes.txt" not in text
     assert "6 files: 4 ok, 2 failed" in text
     assert not (tmp_path / "pwned").exists()

@@ -1,4 +1,4 @@
-"""The ``vgs-ckpt`` command line: demo, inspect, verify, upgrade, sweep, schema."""
+"""The ``vgs-ckpt`` command line: demo, inspect, verify, upgrade, migrate, sweep, schema."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def _table(rows: list[list[str]], headers: list[str]) -> str:
     lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)),
              "  ".join("-" * w for w in widths)]
     lines += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
-    return "\n".join(lines)
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -239,12 +239,69 @@ def _upgrade(args: argparse.Namespace) -> int:
         print("no checkpoint files found", file=sys.stderr)
         return 1
     rows = [[str(r.source), r.original, r.final, ", ".join(r.steps) or "-",
-             r.result + (f" (backup {_basename(r.backup)})" if r.backup else "")]
+             _target(r.source, r.target, args.out) if not r.failed else "-",
+             ("failed (below)" if r.failed else r.result)
+             + (f" (backup {_basename(r.backup)})" if r.backup else "")]
             for r in results]
-    print(_table(rows, ["file", "from", "to", "steps applied", "result"]))
+    print(_table(rows, ["file", "from", "to", "steps applied",
+                        f"written to (in {args.out})" if args.out else "written to",
+                        "result"]))
+    _failures([(str(r.source), r.result) for r in results if r.failed])
     failed = sum(r.failed for r in results)
     print(f"\n{_count(len(results), 'file')}: {len(results) - failed} ok, {failed} failed"
           + (" (dry run: nothing written)" if args.dry_run else ""))
+    return 1 if failed else 0
+
+
+def _target(source: Path | str, target: Path | str | None, out: str | None) -> str:
+    """Where an upgraded file went: below ``out`` (relative), in place, or nowhere."""
+    if target is None:
+        return "-"
+    if str(target) == str(source):
+        return "in place"
+    if out is not None and str(target).startswith(str(out).rstrip("/") + "/"):
+        return str(target)[len(str(out).rstrip("/")) + 1:]
+    return str(target)
+
+
+def _failures(failures: list[tuple[str, str]]) -> None:
+    """Each failure's message under the table, so that one long message does not widen
+    every row."""
+    for name, result in failures:
+        print(f"\n{_safe(name)}:\n  {_safe(result.removeprefix('failed: '))}")
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    from vgs_ckpt.pbt.migrate import migrate_population
+
+    items = migrate_population(args.source, args.dest, dry_run=args.dry_run,
+                               progress=_Progress())
+    if not items:
+        print(f"{args.source} is empty: nothing to migrate", file=sys.stderr)
+        return 1
+    rows = [[i.source.name, i.member_id or "-", "-" if i.step is None else str(i.step),
+             i.layout or ("-" if i.format is None else "vgs_ckpt"),
+             ", ".join(i.steps) or "-",
+             str(i.destination.relative_to(args.dest)) if i.destination else "-",
+             "failed (below)" if i.failed else i.result]
+            for i in items]
+    print(_table(rows, ["file", "member", "step", "layout", "steps applied",
+                        f"in {args.dest}", "result"]))
+    for item in items:
+        if item.note:
+            print(f"note: {_safe(item.source.name)}: {item.note}")
+    _failures([(str(i.source), i.result) for i in items if i.failed])
+    done = [i for i in items if i.destination is not None]
+    failed = sum(i.failed for i in items)
+    skipped = sum(i.skipped for i in items)
+    members = sorted({i.member_id for i in done if i.member_id})
+    verb = "would migrate" if args.dry_run else "migrated"
+    print(f"\n{_count(len(items), 'file')}: {len(done)} {verb} ({_count(len(members), 'member')}"
+          f"), {skipped} skipped, {failed} failed"
+          + (" (dry run: nothing written)" if args.dry_run else ""))
+    if done and not args.dry_run:
+        print(f"continue the population with PBTScheduler(PBTConfig(checkpoint_dir="
+              f"{str(args.dest)!r}, resume='must', ...))")
     return 1 if failed else 0
 
 
@@ -358,6 +415,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="report what would change; write nothing")
     _storage_flag(p)
     p.set_defaults(run=_upgrade)
+    p = sub.add_parser("migrate", help="turn the original scheduler's checkpoint_dir "
+                       "(member_<id>_step_<step>.pt files) into a population store that "
+                       "PBTScheduler(resume='must') continues")
+    p.add_argument("source", metavar="SRC", help="the original scheduler's checkpoint_dir")
+    p.add_argument("dest", metavar="DEST", help="a new directory: the population's store")
+    p.add_argument("--dry-run", action="store_true",
+                   help="read every file and print the plan; write nothing")
+    p.set_defaults(run=_migrate)
     p = sub.add_parser("schema", help="write the JSON Schema files generated from the models")
     p.add_argument("--out", default="schema", help="directory (default: ./schema)")
     p.add_argument("--check", action="store_true",
