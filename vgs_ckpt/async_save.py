@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from vgs_ckpt._tree import Array
+from vgs_ckpt.checkpoint import Checkpoint
 from vgs_ckpt.errors import UsageError
 from vgs_ckpt.models import CheckpointHeader, HeaderFields
 from vgs_ckpt.storage import Storage, StorageOptions, resolve
@@ -205,7 +206,7 @@ class AsyncSaver:
         self._pending: list[SaveHandle] = []  # not finished yet, in call order
         self._closed = False
 
-    def save(self, path: str | os.PathLike[str], parameters: Mapping[Any, Any], *,
+    def save(self, path: str | os.PathLike[str], parameters: Mapping[Any, Any] | Checkpoint, *,
              storage: Storage | None = None, storage_options: StorageOptions | None = None,
              durable: bool = True, **fields: Unpack[HeaderFields]) -> SaveHandle:
         """:func:`save_async` on this saver."""
@@ -373,7 +374,7 @@ def _finish_at_exit(saver: AsyncSaver) -> None:
                   "content (or does not exist)", file=sys.stderr)
 
 
-def save_async(path: str | os.PathLike[str], parameters: Mapping[Any, Any], *,
+def save_async(path: str | os.PathLike[str], parameters: Mapping[Any, Any] | Checkpoint, *,
                storage: Storage | None = None, storage_options: StorageOptions | None = None,
                durable: bool = True, **fields: Unpack[HeaderFields]) -> SaveHandle:
     """Save like :func:`vgs_ckpt.save`, blocking only while the tensors are copied.

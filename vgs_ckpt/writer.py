@@ -16,6 +16,7 @@ from vgs_ckpt import _header
 from vgs_ckpt._container import MAX_HEADER_BYTES, layout, loads_json
 from vgs_ckpt._header import META_HEADER
 from vgs_ckpt._tree import Array
+from vgs_ckpt.checkpoint import Checkpoint
 from vgs_ckpt.errors import CheckpointExistsError, FormatError, UsageError, VgsCkptError
 from vgs_ckpt.models import CheckpointHeader, HeaderFields, Producer, check_fields
 from vgs_ckpt.storage import Storage, StorageOptions, resolve
@@ -82,11 +83,24 @@ def check_readable(head: bytes) -> None:
                          "written") from None
 
 
-def prepare(parameters: Mapping[Any, Any], where: str, fields: Mapping[str, Any],
+def unpack(parameters: Mapping[Any, Any] | Checkpoint, fields: Mapping[str, Any],
+           drop: tuple[str, ...] = ()) -> tuple[Mapping[Any, Any], dict[str, Any]]:
+    """The tree and header arguments to write: a :class:`Checkpoint` gives its tree and
+    its header's fields (``Checkpoint.save_fields``, provenance included, but ``drop``),
+    which the given ``fields`` override."""
+    if isinstance(parameters, Checkpoint):
+        carried = {k: v for k, v in parameters.save_fields().items() if k not in drop}
+        return parameters.parameters, {**carried, **fields}
+    return parameters, dict(fields)
+
+
+def prepare(parameters: Mapping[Any, Any] | Checkpoint, where: str, fields: Mapping[str, Any],
             function: str) -> tuple[CheckpointHeader, dict[str, Array]]:
-    """The validated header (placeholder digests) and the arrays of a tree to write,
-    from ``function``'s header arguments. Shared by every writer."""
-    return _header.describe(parameters, check_fields(fields, function), where=where,
+    """The validated header (placeholder digests) and the arrays of a tree (or of a
+    :class:`Checkpoint`) to write, from ``function``'s header arguments. Shared by every
+    writer."""
+    tree, fields = unpack(parameters, fields)
+    return _header.describe(tree, check_fields(fields, function), where=where,
                             vgs_fix="fix the scaler's configuration")
 
 
@@ -137,7 +151,7 @@ def check_path(path: Any, parameters: Any, function: str = "save") -> str:
     return os.fspath(path)
 
 
-def save(path: str | os.PathLike[str], parameters: Mapping[Any, Any], *,
+def save(path: str | os.PathLike[str], parameters: Mapping[Any, Any] | Checkpoint, *,
          storage: Storage | None = None, storage_options: StorageOptions | None = None,
          durable: bool = True, **fields: Unpack[HeaderFields]) -> CheckpointHeader:
     """Save a parameter tree atomically as a safetensors checkpoint.
@@ -146,7 +160,10 @@ def save(path: str | os.PathLike[str], parameters: Mapping[Any, Any], *,
         path: the file (or, with ``storage``, the key) to write; missing parent
             directories are created.
         parameters: a dict tree (e.g. ``model.get_parameters()``) whose leaves are
-            None, bool, int, float, str, torch tensors, numpy arrays or scalars.
+            None, bool, int, float, str, torch tensors, numpy arrays or scalars; or a
+            :class:`~vgs_ckpt.Checkpoint` (from ``load``): its tree, and its header's
+            fields (step, performance, member id, hyperparameters, lineage, format,
+            created_at, provenance) unless given here.
         storage: where to write (default: the local file system; a URL such as
             ``s3://bucket/key`` writes to its object store: one PUT, or a multipart
             upload completed last, so no reader sees a part of it).
@@ -158,6 +175,7 @@ def save(path: str | os.PathLike[str], parameters: Mapping[Any, Any], *,
             ``hyperparams``, ``lineage`` (PBT bookkeeping), ``format``
             (``v2_full_parameters``, the default, or the legacy ``v1_policy_only``),
             ``created_at`` (default: now, UTC), ``provenance`` (upgrade history).
+            docs/integration.md section "save's keyword arguments" is the reference.
 
     Returns:
         The header that was written.
@@ -177,7 +195,8 @@ def save(path: str | os.PathLike[str], parameters: Mapping[Any, Any], *,
     return commit(backend, key, header, arrays, durable=durable)
 
 
-def save_bytes(parameters: Mapping[Any, Any], **fields: Unpack[HeaderFields]) -> bytes:
+def save_bytes(parameters: Mapping[Any, Any] | Checkpoint,
+               **fields: Unpack[HeaderFields]) -> bytes:
     """The bytes :func:`save` would write, as a ``bytes`` object."""
     header, arrays = prepare(parameters, "<bytes>", fields, "save_bytes")
     buffer = io.BytesIO()

@@ -236,7 +236,7 @@ class CheckpointStore:
     def member_dir(self, member_id: str) -> Path | str:
         return self._path(self._key(check_member_id(member_id)))
 
-    def save(self, member_id: str, parameters: Mapping[Any, Any], /,
+    def save(self, member_id: str, parameters: Mapping[Any, Any] | Checkpoint, /,
              **fields: Unpack[HeaderFields]) -> CheckpointRef:
         """Save one checkpoint of a member atomically, then apply retention (in the
         background, after the commit, with ``async_save``).
@@ -246,6 +246,9 @@ class CheckpointStore:
         ``provenance``); ``member_id`` is the member's, and may be left out.
         """
         check_member_id(member_id)
+        # A Checkpoint brings its header's fields; its member id is this member's now.
+        parameters, fields = writer.unpack(parameters, fields,  # type: ignore[assignment]
+                                           drop=("member_id",))
         if fields.get("member_id", member_id) != member_id:
             raise UsageError(f"save({member_id!r}, ...): member_id={fields['member_id']!r} "
                              "names another member; leave it out")

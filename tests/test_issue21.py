@@ -1,0 +1,60 @@
+"""Issue #21: from the demo to a real population (items other than migrate, which has
+tests/test_migrate.py)."""
+
+from __future__ import annotations
+
+import warnings
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+import torch
+
+import vgs_ckpt
+from vgs_ckpt.pbt import CheckpointStore
+
+from .legacy_files import write_legacy
+
+
+def test_item_02_save_takes_a_checkpoint_and_keeps_its_header(tmp_path: Path) -> None:
+    legacy = write_legacy(tmp_path / "old.pt", "L2", vgs_version="3.1")
+    with pytest.warns(vgs_ckpt.LegacyFormatWarning):
+        upgraded = vgs_ckpt.load(legacy)
+    path = tmp_path / "new.safetensors"
+    vgs_ckpt.save(path, upgraded)  # no TypeError: the step is the checkpoint's
+    again = vgs_ckpt.load(path)
+    assert again.header.step == 150 and again.header.performance == 0.9
+    assert again.header.created_at == upgraded.header.created_at
+    assert again.header.provenance == upgraded.header.provenance  # not dropped
+    assert again.header.provenance is not None
+    assert again.header.provenance.applied_steps == ["vgs_3.1->3.2"]
+    # Given fields override the carried ones.
+    vgs_ckpt.save(path, again, step=151, member_id="m7")
+    third = vgs_ckpt.load(path)
+    assert (third.header.step, third.header.member_id) == (151, "m7")
+    assert third.header.provenance == upgraded.header.provenance
+    # Bytes and the background saver too.
+    assert vgs_ckpt.load_bytes(vgs_ckpt.save_bytes(third)).header.step == 151
+    vgs_ckpt.save_async(tmp_path / "async.safetensors", third).result()
+    assert vgs_ckpt.load(tmp_path / "async.safetensors").header.member_id == "m7"
+
+
+def test_item_02_a_store_saves_a_checkpoint_as_its_member(tmp_path: Path) -> None:
+    donor = vgs_ckpt.load_bytes(vgs_ckpt.save_bytes(
+        {"w": torch.ones(1)}, step=5, member_id="donor", performance=1.0,
+        created_at=datetime(2026, 1, 1, tzinfo=UTC)))
+    store = CheckpointStore(tmp_path / "store")
+    ref = store.save("recipient", donor)
+    read = vgs_ckpt.load(ref.path)
+    assert (read.header.member_id, read.header.step) == ("recipient", 5)
+
+
+def test_item_02_the_keyword_arguments_have_one_reference_section() -> None:
+    text = (Path(__file__).parent.parent / "docs" / "integration.md").read_text()
+    section = text[text.index("## save's keyword arguments"):]
+    for name in ("step", "performance", "member_id", "hyperparams", "lineage", "format",
+                 "created_at", "provenance", "storage", "storage_options", "durable"):
+        assert f"`{name}`" in section, name
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert vgs_ckpt.save_bytes({"x": 1}, step=0)
