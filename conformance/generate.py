@@ -852,10 +852,18 @@ def generate(out: Path) -> list[dict[str, Any]]:
              v2_header(3, None, None, provenance(V1, "torch-zip", None,
                                                  ["v1_policy_only->v2_full_parameters"],
                                                  absent=True)), (LEGACY,)))
-    v.refused("legacy_bad_flag_mismatch.pt",
-              torch_file({"format_version": V1, "data": legacy_policy, "step": 1,
-                          "has_optimizer_state": True}), "A.1",
-              "has_optimizer_state true but data has no optimizer_state", gaps=(22,))
+    v.add("legacy_L1_flag_disagrees.pt",
+          torch_file({"format_version": V1, "data": legacy_policy, "step": 1,
+                      "has_optimizer_state": True}), "A.1",
+          "a legacy flag that disagrees with data is kept as stored (only vgs_ckpt files "
+          "are held to section 4.2), and dropped by the upgrade",
+          ok(legacy_policy, {"format_version": V1, "step": 1, "performance": None,
+                             "member_id": None, "provenance": None,
+                             "has_optimizer_state": True}),
+          ok({"policy": legacy_policy, "vgs_state": None},
+             v2_header(1, None, None, provenance(V1, "torch-zip", None,
+                                                 ["v1_policy_only->v2_full_parameters"],
+                                                 absent=True)), (LEGACY,)), gaps=(22,))
     v.refused("legacy_bad_step.pt", torch_file({"format_version": V1, "data": legacy_policy,
                                                 "step": -1}), "A.1", "a negative step")
     v.refused("legacy_bad_data.pt", torch_file({"format_version": V1, "data": [1]}), "A.1",

@@ -15,6 +15,7 @@ import torch
 
 from vgs_ckpt import loading, reader
 from vgs_ckpt._dtypes import BY_CODE
+from vgs_ckpt._header import header_data
 from vgs_ckpt.errors import UsageError, VgsCkptError
 from vgs_ckpt.pbt.store import unreadable_checkpoints
 from vgs_ckpt.schema import missing_schemas, schema_drift, write_schemas
@@ -88,8 +89,9 @@ def _describe(path: str, options: dict[str, Any] | None = None) -> dict[str, Any
         model = _sb3_model(opened)
     info: dict[str, Any] = {"path": path, "container": container,
                             "format": header.format_version.value,
-                            "header": json.loads(header.model_dump_json(
-                                exclude={"tree"}, fallback=_shown))}
+                            "header": json.loads(json.dumps(
+                                {k: v for k, v in header_data(header).items() if k != "tree"},
+                                default=_shown))}
     if model is not None:
         info["sb3_model"] = model
     info["tensors"] = [{"name": name, "dtype": t.dtype, "shape": t.shape,
@@ -155,8 +157,27 @@ def _inspect(args: argparse.Namespace) -> int:
     print(f"step         {head['step']}")
     print(f"performance  {head['performance']}")
     print(f"member       {_safe(head.get('member_id'))}")
-    print(f"producer     {_safe(head['producer']['name'])} {_safe(head['producer']['version'])}, "
-          f"{head['created_at']}")
+    if info["container"] == "safetensors":
+        print(f"producer     {_safe(head['producer']['name'])} "
+              f"{_safe(head['producer']['version'])}")
+        print(f"created      {head['created_at']}")
+    else:
+        print("producer     the original scheduler's torch.save (a legacy file records no "
+              "producer version)")
+        print(f"modified     {head['created_at']} (the file's time; a legacy file records "
+              "none)")
+    provenance = head.get("provenance")
+    if provenance:
+        steps = ", ".join(provenance.get("applied_steps") or []) or "none"
+        vgs_from = provenance.get("original_vgs_version")
+        print(f"history      first written as {provenance['original_format']} in a "
+              f"{provenance['original_container']} file"
+              + (f" with VGS {vgs_from}" if vgs_from else "")
+              + f"; upgrade steps: {steps}"
+              + ("; it had no VGS state" if provenance.get("vgs_state_absent") else ""))
+        if provenance.get("legacy"):
+            print(f"legacy       {_safe(json.dumps(provenance['legacy']))[:300]} (values the "
+                  "upgrade dropped or recorded)")
     if head.get("hyperparams"):
         print(f"hyperparams  {json.dumps(head['hyperparams'])}")
     source = (head.get("lineage") or {}).get("exploited_from")

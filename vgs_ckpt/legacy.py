@@ -231,13 +231,9 @@ def read_legacy(source: Source, *, container: str,
             raise FormatError(f"{where}: legacy 'step' must be a non-negative int, got "
                               f"{step!r:.60}")
         layout = "L1" if fmt is CheckpointFormat.V1_POLICY_ONLY else "L2"
-        flag = _flag(obj.get("has_optimizer_state"), where)
-        if flag is not None and flag != ("optimizer_state" in payload):
-            raise FormatError(f"{where}: legacy 'has_optimizer_state' is {flag} but 'data' "
-                              f"{'has' if not flag else 'has no'} 'optimizer_state' (the "
-                              "original scheduler's rule, spec appendix A); the file is corrupt")
         return LegacyCheckpoint(fmt, layout, payload, step,
-                                _performance(obj.get("performance"), where), flag)
+                                _performance(obj.get("performance"), where),
+                                _flag(obj.get("has_optimizer_state"), where))
     if not isinstance(obj, Mapping):
         raise FormatError(f"{where}: a torch file holding {type(obj).__qualname__}, not a "
                           "checkpoint dict; expected a state_dict or a wrapped checkpoint")

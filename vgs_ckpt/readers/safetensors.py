@@ -31,7 +31,7 @@ def read_header(source: Source, vgs_error: type[VgsCkptError] | None = None
     container = read_container(source)
     header, stored_vgs = _header.parse(container, where)
     structure = decode(header.tree, _SpecDecoder(container), where)
-    if type(structure) is not dict:
+    if not isinstance(structure, dict):  # a dict node (an OrderedDict when ordered)
         raise FormatError(f"{where}: the root of the tree is not a dict node (spec section "
                           "5); the file is corrupt")
     try:
