@@ -44,6 +44,18 @@ def test_demo_command_with_compare(tmp_path: Path, capsys: pytest.CaptureFixture
     assert code == 0
     assert "full:" in out and "policy-only:" in out and "final val loss" in out
     assert (tmp_path / "full").is_dir() and (tmp_path / "policy-only").is_dir()
+    # The comparison is a median and a range over seeds, not one number.
+    assert "over 3 seed(s) (0..2)" in out and "median ratio policy-only / full" in out
+    assert (tmp_path / "seed-2" / "policy-only").is_dir()
+    assert "members at different speeds (optimizer steps per round: 5, 4, 3, 2)" in out
+
+
+def test_members_at_different_speeds_exploit_higher_step_counts(tmp_path: Path) -> None:
+    result = run_demo(tmp_path, members=6, rounds=4, interval=10, seed=0, out=io.StringIO())
+    raised = [e for e in result.exploits if e.after["step_count"] > e.before["step_count"]]
+    assert raised, "the seed's situation: a recipient at a low step count takes a higher one"
+    for e in raised:
+        assert e.after["step_count"] == e.donor_state["step_count"]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("matplotlib") is not None,
@@ -53,7 +65,9 @@ def test_plot_without_matplotlib_says_how_to_install(tmp_path: Path,
     code = main(["demo", "--members", "2", "--rounds", "1", "--interval", "2", "--dir",
                  str(tmp_path), "--plot", str(tmp_path / "p.png")])
     assert code == 1
-    assert "pip install 'vgs-ckpt[plot]'" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "pip install 'vgs-ckpt[plot]'" in captured.err and "nothing was run" in captured.err
+    assert "round" not in captured.out  # refused before the demo ran, not after
 
 
 def test_bad_demo_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -331,7 +331,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     return demo.main(args.dir, members=args.members, rounds=args.rounds,
                      interval=args.interval, seed=args.seed, compare=args.compare,
-                     plot_path=args.plot)
+                     plot_path=args.plot, seeds=args.seeds)
 
 
 def _count(n: int, noun: str) -> str:
@@ -398,8 +398,13 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run a small PBT population with VGS and show each exploit")
     p.add_argument("--members", type=int, default=6, help="population size (default 6)")
     p.add_argument("--rounds", type=int, default=12, help="exploit rounds (default 12)")
-    p.add_argument("--interval", type=int, default=25, help="steps per round (default 25)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--interval", type=int, default=25,
+                   help="steps per round of the fastest member (default 25; the slowest "
+                   "takes 40%% of it)")
+    p.add_argument("--seed", type=int, default=0, help="the seed of the run shown (default 0)")
+    p.add_argument("--seeds", type=int, default=3,
+                   help="with --compare: compare both modes over this many seeds, from "
+                   "--seed (default 3)")
     p.add_argument("--dir", help="checkpoint directory (default: a new temporary one)")
     p.add_argument("--compare", action="store_true",
                    help="also run the same seeds with policy-only (v1) exploits")

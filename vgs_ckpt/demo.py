@@ -10,7 +10,11 @@ of the original scheduler and reports both runs' losses.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import math
+import os
+import statistics
 import sys
 import tempfile
 import time
@@ -111,9 +115,22 @@ def _same_statistics(a: dict[str, Any], b: dict[str, Any]) -> bool:
                for x, y in zip(a["tensors"].values(), b["tensors"].values(), strict=True))
 
 
+def speeds(members: int, interval: int) -> list[int]:
+    """Optimizer steps each member takes per round: the first member ``interval``, the
+    last 40% of it, the others in between (members on slower hardware, or with more
+    expensive environments), so members meet at different VGS step counts, as in the
+    original write-up (a member at step 4 exploiting one at step 10)."""
+    if members == 1:
+        return [interval]
+    return [max(1, round(interval * (1 - 0.6 * i / (members - 1)))) for i in range(members)]
+
+
 def run_demo(directory: Path, *, members: int = 6, rounds: int = 12, interval: int = 25,
              seed: int = 0, policy_only: bool = False, out: Any = sys.stdout) -> DemoResult:
-    """Run one population; print progress and one table per exploit to ``out``."""
+    """Run one population; print progress and one table per exploit to ``out``.
+
+    Members train at different speeds (:func:`speeds`); a member's step is the number
+    of optimizer steps behind the state it holds, so an exploit takes the donor's."""
     if members < 2 or rounds < 1 or interval < 1:
         raise UsageError("need members >= 2, rounds >= 1 and interval >= 1")
     if directory.exists() and any(directory.iterdir()):
@@ -124,7 +141,9 @@ def run_demo(directory: Path, *, members: int = 6, rounds: int = 12, interval: i
     result = DemoResult(mode, directory, interval)
     start = time.perf_counter()
     x_train, y_train, x_val, y_val = _task(seed)
-    config = PBTConfig(str(directory), population_size=members, perturbation_interval=interval,
+    pace = speeds(members, interval)
+    config = PBTConfig(str(directory), population_size=members,
+                       perturbation_interval=min(pace),
                        truncation_ratio=0.25, metric_mode="min", seed=seed,
                        hyperparams=[HyperparamSpec("lr", 1e-4, 3e-2, log_scale=True),
                                     HyperparamSpec("vgs_alpha", 0.01, 1.0, log_scale=True)])
@@ -135,18 +154,20 @@ def run_demo(directory: Path, *, members: int = 6, rounds: int = 12, interval: i
     gens = {m.member_id: torch.Generator().manual_seed(seed * 1000 + i)
             for i, m in enumerate(population)}
     pending: dict[str, Exploit] = {}
+    steps = {m.member_id: 0 for m in population}  # optimizer steps behind each state
     for rnd in range(1, rounds + 1):
-        for m in population:
+        for i, m in enumerate(population):
             learner = learners[m.member_id]
-            for _ in range(interval):
+            steps[m.member_id] += pace[i]
+            for _ in range(pace[i]):
                 idx = torch.randint(0, len(x_train), (64,), generator=gens[m.member_id])
                 xb, yb = x_train[idx], y_train[idx]
                 learner.train_step(lambda xb=xb, yb=yb, p=learner.policy:
                                    (p(xb) - yb).pow(2).mean())
             with torch.no_grad():
                 val = float((learner.policy(x_val) - y_val).pow(2).mean())
-            step = rnd * interval
-            result.curves.setdefault(m.member_id, []).append((step, val))
+            step = steps[m.member_id]
+            result.curves.setdefault(m.member_id, []).append((rnd * interval, val))
             if m.member_id in pending:
                 pending.pop(m.member_id).loss_after_interval = val
             with warnings.catch_warnings():
@@ -166,6 +187,7 @@ def run_demo(directory: Path, *, members: int = 6, rounds: int = 12, interval: i
             if params is None or fmt is None or m.exploited_from is None:
                 continue
             learner.set_parameters(params)
+            steps[m.member_id] = m.exploited_from.step  # the state it now holds
             learner.set_hyperparams(hyperparams)
             learner.vgs.alpha = hyperparams["vgs_alpha"]
             donor_file = m.exploited_from.file
@@ -179,7 +201,8 @@ def run_demo(directory: Path, *, members: int = 6, rounds: int = 12, interval: i
             exploits_this_round.append(record)
             pending[m.member_id] = record
         best = min(curve[-1][1] for curve in result.curves.values())
-        print(f"[{mode}] round {rnd:>2}/{rounds}  step {rnd * interval:>5}  best val loss "
+        print(f"[{mode}] round {rnd:>2}/{rounds}  steps {min(steps.values())}-"
+              f"{max(steps.values())}  best val loss "
               f"{best:.4f}  exploits {len(exploits_this_round)}", file=out, flush=True)
         if exploits_this_round:
             print(_exploit_table(exploits_this_round), file=out, flush=True)
@@ -250,27 +273,39 @@ def plot(results: Sequence[DemoResult], path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def _check_plotting(plot_path: str | None) -> None:
+    """Refuse ``--plot`` before any work when matplotlib is missing."""
+    if plot_path and importlib.util.find_spec("matplotlib") is None:
+        raise UsageError("--plot needs matplotlib, which is not installed: pip install "
+                         "'vgs-ckpt[plot]' (or run without --plot); nothing was run")
+
+
 def main(directory: str | None, *, members: int, rounds: int, interval: int, seed: int,
-         compare: bool, plot_path: str | None) -> int:
+         compare: bool, plot_path: str | None, seeds: int = 3) -> int:
     """The ``vgs-ckpt demo`` command."""
+    _check_plotting(plot_path)
     log = logging.getLogger("vgs_ckpt")
     level = log.level
     log.setLevel(logging.ERROR)  # the tables say it all
     try:
         return _main(directory, members=members, rounds=rounds, interval=interval, seed=seed,
-                     compare=compare, plot_path=plot_path)
+                     compare=compare, plot_path=plot_path, seeds=seeds)
     finally:
         log.setLevel(level)
 
 
 def _main(directory: str | None, *, members: int, rounds: int, interval: int, seed: int,
-          compare: bool, plot_path: str | None) -> int:
+          compare: bool, plot_path: str | None, seeds: int) -> int:
+    if seeds < 1:
+        raise UsageError("--seeds must be >= 1")
     root = Path(directory) if directory else Path(tempfile.mkdtemp(prefix="vgs-ckpt-demo-"))
     root.mkdir(parents=True, exist_ok=True)
+    print(f"{members} members at different speeds (optimizer steps per round: "
+          f"{', '.join(map(str, speeds(members, interval)))}); checkpoints in {root}")
     runs = [run_demo(root / "full", members=members, rounds=rounds, interval=interval,
                      seed=seed)]
     if compare:
-        print("\nthe same seeds, with the original scheduler's policy-only checkpoints "
+        print("\nthe same seed, with the original scheduler's policy-only checkpoints "
               "(deprecated model_state_dict=):")
         runs.append(run_demo(root / "policy-only", members=members, rounds=rounds,
                              interval=interval, seed=seed, policy_only=True))
@@ -278,12 +313,63 @@ def _main(directory: str | None, *, members: int, rounds: int, interval: int, se
     for result in runs:
         print(_summary(result))
     if compare:
+        _compare_seeds(root, runs, members=members, rounds=rounds, interval=interval,
+                       seed=seed, seeds=seeds)
         print(EXPERIMENT_RESULT)
     if plot_path:
-        plot(runs, plot_path)
+        try:
+            plot(runs, plot_path)
+        except UsageError:
+            print(f"checkpoints in {root}", file=sys.stderr)
+            raise
         print(f"plot written to {plot_path}")
     print(f"checkpoints in {root} (try: vgs-ckpt inspect "
           f"{next((root / 'full').rglob('step_*.safetensors'), root)})")
     bad = [e for e in runs[0].exploits if not e.matches_donor]
     return 1 if bad else 0
 
+
+def _compare_seeds(root: Path, runs: list[DemoResult], *, members: int, rounds: int,
+                   interval: int, seed: int, seeds: int) -> None:
+    """Both modes over ``seeds`` seeds (the first is the run shown above): the final best
+    validation loss as a median and a range, not one number."""
+    best: dict[str, list[float]] = {r.mode: [min(r.final_losses())] for r in runs}
+    lifts: dict[str, list[int]] = {r.mode: [_lift(r)] for r in runs}
+    counts: dict[str, list[int]] = {r.mode: [len(r.exploits)] for r in runs}
+    quiet = open(os.devnull, "w")  # noqa: SIM115 - closed below
+    try:
+        for extra in range(seed + 1, seed + seeds):
+            print(f"seed {extra}: both modes ...", flush=True)
+            for policy_only in (False, True):
+                result = run_demo(root / f"seed-{extra}" / ("policy-only" if policy_only
+                                                             else "full"),
+                                  members=members, rounds=rounds, interval=interval,
+                                  seed=extra, policy_only=policy_only, out=quiet)
+                best[result.mode].append(min(result.final_losses()))
+                lifts[result.mode].append(_lift(result))
+                counts[result.mode].append(len(result.exploits))
+    finally:
+        quiet.close()
+    print(f"\nover {seeds} seed(s) ({seed}..{seed + seeds - 1}): final best val loss, "
+          "median [min, max]; exploits that moved a recipient to a higher VGS step_count")
+    for mode, values in best.items():
+        values = sorted(values)
+        print(f"{mode:>11}: {statistics.median(values):.4f} [{values[0]:.4f}, "
+              f"{values[-1]:.4f}]; {sum(lifts[mode])} of {sum(counts[mode])} exploits "
+              "raised the recipient's VGS step_count")
+    full, policy = statistics.median(best["full"]), statistics.median(best["policy-only"])
+    ratio = policy / full if full > 0 else math.inf
+    print(f"median ratio policy-only / full: {ratio:.2f} (above 1: full-state better); "
+          "the ranges overlap" if _overlap(best["full"], best["policy-only"])
+          else f"median ratio policy-only / full: {ratio:.2f}; the ranges do not overlap")
+
+
+def _lift(result: DemoResult) -> int:
+    return sum(1 for e in result.exploits
+               if isinstance(e.before["step_count"], int)
+               and isinstance(e.after["step_count"], int)
+               and e.after["step_count"] > e.before["step_count"])
+
+
+def _overlap(a: Sequence[float], b: Sequence[float]) -> bool:
+    return min(a) <= max(b) and min(b) <= max(a)
