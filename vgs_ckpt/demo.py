@@ -352,8 +352,8 @@ def _compare_seeds(root: Path, runs: list[DemoResult], *, members: int, rounds: 
         quiet.close()
     print(f"\nover {seeds} seed(s) ({seed}..{seed + seeds - 1}): final best val loss, "
           "median [min, max]; exploits that moved a recipient to a higher VGS step_count")
-    for mode, values in best.items():
-        values = sorted(values)
+    for mode, found in best.items():
+        values = sorted(found)
         print(f"{mode:>11}: {statistics.median(values):.4f} [{values[0]:.4f}, "
               f"{values[-1]:.4f}]; {sum(lifts[mode])} of {sum(counts[mode])} exploits "
               "raised the recipient's VGS step_count")
