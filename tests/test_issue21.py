@@ -58,3 +58,27 @@ def test_item_02_the_keyword_arguments_have_one_reference_section() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert vgs_ckpt.save_bytes({"x": 1}, step=0)
+
+
+def test_item_15_exploit_refuses_a_mistyped_hyperparameter(tmp_path: Path) -> None:
+    from vgs_ckpt.pbt import exploit
+
+    from .conftest import make_member
+
+    store = CheckpointStore(tmp_path / "store")
+    store.save("d", make_member(), step=1, performance=1.0)
+    with pytest.raises(vgs_ckpt.UsageError, match=r"'lrr' \(did you mean 'lr'\?\)"):
+        exploit(store, "c", "d", {"lr": 0.07, "lrr": 3})
+    with pytest.raises(vgs_ckpt.UsageError, match="'vgs_alhpa'"):
+        exploit(store, "c", "d", {"vgs_alhpa": 0.2})
+    done = exploit(store, "c", "d", {"lr": 0.07, "vgs_alpha": 0.2, "batch_size": 64},
+                   caller_keys=["batch_size"])
+    assert done.parameters["policy.optimizer"]["param_groups"][0]["lr"] == 0.07
+    assert done.parameters["vgs_state"]["alpha"] == 0.2
+    # A policy-only donor: the recipient keeps its optimizer; lr is still meaningful.
+    store.save("v1", {"w": torch.ones(1)}, step=1, format="v1_policy_only")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert exploit(store, "c", "v1", {"lr": 0.1}).format == "v1_policy_only"
+        with pytest.raises(vgs_ckpt.UsageError, match="'lrr'"):
+            exploit(store, "c", "v1", {"lrr": 0.1})

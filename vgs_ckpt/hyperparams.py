@@ -27,8 +27,9 @@ from vgs_ckpt.vgs import VarianceGradientScaler, plain
 from vgs_ckpt.vgs_state import HYPERPARAM_PREFIX, KNOBS
 from vgs_ckpt.vgs_state import KEY as VGS_KEY
 
-__all__ = ["ALIASES", "Split", "apply_to_optimizer", "apply_to_scaler", "apply_to_tree",
-           "optimizer_state_paths", "reset_optimizer_state", "split", "update_param_group"]
+__all__ = ["ALIASES", "GROUP_KEYS", "Split", "apply_to_optimizer", "apply_to_scaler",
+           "apply_to_tree", "optimizer_state_paths", "reset_optimizer_state", "split",
+           "unapplied", "update_param_group"]
 
 ALIASES = {"learning_rate": "lr"}  # hyperparameter name -> param-group key
 
@@ -156,6 +157,33 @@ def apply_to_tree(parameters: Mapping[Any, Any], hyperparams: Mapping[str, Any]
     if isinstance(vgs, Mapping) and parsed.vgs:
         out[VGS_KEY] = {**vgs, **parsed.vgs}
     return out
+
+
+# Param-group keys of torch's optimizers: what an explored hyperparameter may set in an
+# optimizer a tree does not carry (a policy-only exploit keeps the recipient's own).
+GROUP_KEYS = frozenset({
+    "lr", "betas", "eps", "weight_decay", "momentum", "dampening", "nesterov", "amsgrad",
+    "alpha", "centered", "rho", "lr_decay", "initial_accumulator_value", "lambd", "t0",
+    "etas", "step_sizes", "momentum_decay", "decoupled_weight_decay", "maximize",
+    "initial_lr", "max_lr", "min_lr"})
+
+
+def unapplied(parameters: Mapping[Any, Any], hyperparams: Mapping[str, Any]) -> list[str]:
+    """The keys of ``hyperparams`` that :func:`apply_to_tree` can give no meaning to: not a
+    param-group key of an optimizer in the tree (of any torch optimizer when the tree
+    carries none), not ``learning_rate``, not ``vgs_<knob>``. A ``vgs_`` key naming no knob
+    is among them."""
+    groups = [group for path in optimizer_state_paths(parameters)
+              for group in _get(parameters, path)["param_groups"]]
+    known = ({k for group in groups for k in group if k != "params"} if groups
+             else set(GROUP_KEYS))
+    found = []
+    for key in hyperparams:
+        knob = key[len(HYPERPARAM_PREFIX):] if key.startswith(HYPERPARAM_PREFIX) else None
+        if knob in KNOBS or ALIASES.get(key, key) in known:
+            continue
+        found.append(key)
+    return found
 
 
 def reset_optimizer_state(parameters: Mapping[Any, Any]) -> dict[Any, Any]:

@@ -363,8 +363,10 @@ class PBTScheduler:
         if donor is None:
             return None, dict(m.hyperparams), None
         hyperparams = self.explore(donor.hyperparams)
+        # The caller gets the hyperparameters back and applies its own.
         result = exploit(self.store, m.member_id, donor.member_id, hyperparams,
-                         optimizer_strategy=self.config.optimizer_strategy)
+                         optimizer_strategy=self.config.optimizer_strategy,
+                         caller_keys=hyperparams)
         logger.info("member %s exploited member %s (step %d, performance %s) via %s",
                     m.member_id, donor.member_id, result.source.step,
                     result.source.performance, result.format.value)
