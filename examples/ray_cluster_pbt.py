@@ -1,21 +1,21 @@
 """Ray Tune PBT on a multi-node Ray cluster, with every checkpoint on S3.
 
-The same population as ``ray_tune_pbt.py`` (a small torch model, Adam and the
+The same population as ray_tune_pbt.py (a small torch model, Adam and the
 reference VGS, full-state vgs_ckpt checkpoints), scaled out: a local Ray cluster of a
-head and two worker nodes (``ray.cluster_utils.Cluster``: each node with its own
+head and two worker nodes (ray.cluster_utils.Cluster: each node with its own
 resources and temp dir, all on this machine), trials placed on the workers, and
-``RunConfig(storage_path="s3://...", storage_filesystem=...)`` on an S3 server.
+RunConfig(storage_path="s3://...", storage_filesystem=...) on an S3 server.
 Then, mid-run, the things that go wrong on a real cluster:
 
-1. a worker node dies (``--kill-node-at``): its trials restart from their last
-   checkpoints on S3 (``FailureConfig(max_failures=...)``, so a lost node cannot
+1. a worker node dies (--kill-node-at): its trials restart from their last
+   checkpoints on S3 (FailureConfig(max_failures=...), so a lost node cannot
    stall the synchronous population), and a replacement node joins;
-2. the driver is SIGKILLed (``--kill-driver-at``) and the experiment is resumed with
-   ``Tuner.restore`` from S3.
+2. the driver is SIGKILLed (--kill-driver-at) and the experiment is resumed with
+   Tuner.restore from S3.
 
 Every report (and every restore) of every trial is also written as a small JSON
-event to S3 (``<storage>/events/``): node, iteration, digest of the state saved,
-and after a restore the digest restored and whether it was an exploit (``cloned``)
+event to S3 (<storage>/events/): node, iteration, digest of the state saved,
+and after a restore the digest restored and whether it was an exploit (cloned)
 or a restart. At the end the events are checked: every restore restored exactly a
 state its source trial saved, and no restart was counted as an exploit; the
 summary shows on how many nodes the trials ran.
@@ -24,7 +24,7 @@ summary shows on how many nodes the trials ran.
     python examples/ray_cluster_pbt.py
     python examples/ray_cluster_pbt.py --endpoint http://127.0.0.1:9000 --bucket pbt
 
-The driver runs as a subprocess of this script (``driver`` sub-command), so that it
+The driver runs as a subprocess of this script (driver sub-command), so that it
 can be killed and restored.
 """
 
@@ -49,6 +49,8 @@ from typing import Any
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import ray_tune_pbt  # the trainable's model, training and digest
+
+from vgs_ckpt.integrations import exit_without_extra
 
 HERE = Path(__file__).resolve()
 REGION = "eu-west-1"
@@ -325,6 +327,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "driver":
         return driver(args)
+    what = "examples/ray_cluster_pbt.py"
+    exit_without_extra("ray", "ray", what=what)
+    exit_without_extra("s3", "s3fs", what=what)
+    if args.endpoint is None:
+        exit_without_extra("test", "moto", what=f"{what} without --endpoint")
     server = None
     if args.endpoint is None:
         from moto.server import ThreadedMotoServer

@@ -8,8 +8,8 @@ and VGS alpha applied after the restore.
     pip install -e '.[ray]'
     python examples/ray_tune_pbt.py --storage-path /tmp/ray_pbt
 
-Every report also carries a digest of the state that was saved (``saved_digest``)
-and, after a restore, of the state that was restored (``restored_digest``), so the
+Every report also carries a digest of the state that was saved (saved_digest)
+and, after a restore, of the state that was restored (restored_digest), so the
 tests can check that each exploit restored exactly the donor's checkpoint.
 """
 
@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from vgs_ckpt.integrations import ray_tune
+from vgs_ckpt.integrations import exit_without_extra, ray_tune
 from vgs_ckpt.pbt.learner import TorchLearner
 from vgs_ckpt.vgs import VarianceGradientScaler
 
@@ -124,11 +124,13 @@ def run(storage_path: str, *, num_samples: int = 4, iterations: int = 8,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--storage-path", default="ray_results")
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--iterations", type=int, default=8)
     args = parser.parse_args()
+    exit_without_extra("ray", "ray", what="examples/ray_tune_pbt.py")
     results = run(args.storage_path, num_samples=args.samples, iterations=args.iterations)
     for result in results:
         frame = result.metrics_dataframe

@@ -1,8 +1,8 @@
 """A small PPO+VGS population on CartPole-v1 with full-state PBT exploits.
 
 Stock Stable-Baselines3 PPO, the reference VGS attached with
-``vgs_ckpt.integrations.sb3.attach_vgs``, and the drop-in ``PBTScheduler``. Every
-``--interval`` timesteps each member reports its mean episode return and saves its
+vgs_ckpt.integrations.sb3.attach_vgs, and the drop-in PBTScheduler. Every
+--interval timesteps each member reports its mean episode return and saves its
 whole state (weights, Adam moments, VGS statistics) as a v2 checkpoint; the worst
 member takes the best one's state and explores a new learning rate and VGS alpha.
 Each exploit prints the recipient's VGS step_count before and after: after, it is
@@ -18,14 +18,15 @@ import argparse
 import logging
 import tempfile
 import time
+from typing import Any
 
-from stable_baselines3 import PPO
-
-from vgs_ckpt.integrations import sb3
+from vgs_ckpt.integrations import exit_without_extra, sb3
 from vgs_ckpt.pbt import HyperparamSpec, PBTConfig, PBTScheduler
 
 
-def make_model(seed: int, hyperparams: dict) -> PPO:
+def make_model(seed: int, hyperparams: dict) -> Any:
+    from stable_baselines3 import PPO
+
     model = PPO("MlpPolicy", "CartPole-v1", n_steps=256, batch_size=64, n_epochs=4,
                 policy_kwargs={"net_arch": [32, 32]}, seed=seed, device="cpu")
     sb3.attach_vgs(model, warmup_steps=20)
@@ -45,6 +46,8 @@ def main() -> None:
     parser.add_argument("--dir", help="checkpoint directory (default: a new temporary one)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    exit_without_extra("sb3", "stable_baselines3", "sb3_contrib", "gymnasium",
+                       what="examples/sb3_pbt.py")
     logging.getLogger("vgs_ckpt").setLevel(logging.WARNING)
 
     directory = args.dir or tempfile.mkdtemp(prefix="vgs_ckpt-sb3-")

@@ -1,13 +1,13 @@
-"""An SB3 PPO+VGS population with ``VecNormalize`` as a Ray Tune PBT trainable.
+"""An SB3 PPO+VGS population with VecNormalize as a Ray Tune PBT trainable.
 
 The way the original project's models scale out: each trial is a stock
-Stable-Baselines3 PPO on ``Pendulum-v1`` behind ``VecNormalize``, with the
-reference VGS attached (``vgs_ckpt.integrations.sb3.attach_vgs``). Every
+Stable-Baselines3 PPO on Pendulum-v1 behind VecNormalize, with the
+reference VGS attached (vgs_ckpt.integrations.sb3.attach_vgs). Every
 iteration reports the mean return of deterministic episodes together with the
-trial's *whole* learner state (``sb3.get_state``: networks, Adam moments, VGS
-statistics, the ``VecNormalize`` observation and reward statistics, counters and
-generators) as a vgs_ckpt checkpoint (``ray_tune.report``). When Ray's PBT clones a
-better trial, ``sb3.set_state`` puts all of it into the recipient, with the
+trial's *whole* learner state (sb3.get_state: networks, Adam moments, VGS
+statistics, the VecNormalize observation and reward statistics, counters and
+generators) as a vgs_ckpt checkpoint (ray_tune.report). When Ray's PBT clones a
+better trial, sb3.set_state puts all of it into the recipient, with the
 recipient's explored learning rate and VGS alpha applied; the recipient keeps its
 own random generators (a restart of a trial from its own checkpoint restores
 those too).
@@ -27,6 +27,8 @@ import argparse
 import os
 import sys
 from typing import Any
+
+from vgs_ckpt.integrations import exit_without_extra
 
 STEPS_PER_ITERATION = 1024
 
@@ -153,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--storage-path", default="ray_results")
     parser.add_argument("--address", help="a running Ray cluster (default: a local Ray)")
     args = parser.parse_args(argv)
+    exit_without_extra("ray", "ray", what="examples/sb3_ray_pbt.py")
+    exit_without_extra("sb3", "stable_baselines3", "gymnasium", what="examples/sb3_ray_pbt.py")
     results = run(args.storage_path, samples=args.samples, iterations=args.iterations,
                   interval=args.interval, address=args.address)
     exploits = 0

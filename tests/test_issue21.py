@@ -3,6 +3,8 @@ tests/test_migrate.py)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import warnings
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,6 +16,8 @@ import vgs_ckpt
 from vgs_ckpt.pbt import CheckpointStore
 
 from .legacy_files import write_legacy
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_item_02_save_takes_a_checkpoint_and_keeps_its_header(tmp_path: Path) -> None:
@@ -82,3 +86,55 @@ def test_item_15_exploit_refuses_a_mistyped_hyperparameter(tmp_path: Path) -> No
         assert exploit(store, "c", "v1", {"lr": 0.1}).format == "v1_policy_only"
         with pytest.raises(vgs_ckpt.UsageError, match="'lrr'"):
             exploit(store, "c", "v1", {"lrr": 0.1})
+
+
+def _run_without(module_names: list[str], script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``script`` in a fresh interpreter in which ``module_names`` cannot be imported."""
+    code = (f"import runpy, sys\nfor name in {module_names!r}: sys.modules[name] = None\n"
+            f"sys.argv = [{script!r}, *{list(args)!r}]\n"
+            f"runpy.run_path({script!r}, run_name='__main__')\n")
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, check=False, timeout=120)
+
+
+@pytest.mark.parametrize(("blocked", "script", "extra"), [
+    (["stable_baselines3"], "examples/sb3_pbt.py", "sb3"),
+    (["ray"], "examples/ray_tune_pbt.py", "ray"),
+    (["ray"], "examples/ray_cluster_pbt.py", "ray"),
+    (["s3fs"], "examples/ray_cluster_pbt.py", "s3"),
+    (["moto"], "examples/ray_cluster_pbt.py", "test"),
+    (["ray"], "examples/sb3_ray_pbt.py", "ray"),
+    (["stable_baselines3"], "examples/sb3_ray_pbt.py", "sb3"),
+])
+def test_item_09_examples_say_which_extra_is_missing(blocked: list[str], script: str,
+                                                     extra: str) -> None:
+    run = _run_without(blocked, script)
+    assert run.returncode != 0
+    assert f"pip install 'vgs-ckpt[{extra}]'" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_item_09_the_test_strategies_say_how_to_get_hypothesis() -> None:
+    code = ("import sys\nsys.modules['hypothesis'] = None\n"
+            "try:\n    import vgs_ckpt.testing\nexcept ImportError as exc:\n"
+            "    print(type(exc).__name__, exc)\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert "MissingDependencyError" in run.stdout
+    assert "pip install 'vgs-ckpt[test]'" in run.stdout
+
+
+def test_item_12_help_texts_are_plain_text() -> None:
+    commands = ["", "demo", "inspect", "verify", "upgrade", "migrate", "sweep", "schema"]
+    for command in commands:
+        run = subprocess.run([sys.executable, "-m", "vgs_ckpt", *command.split(), "--help"],
+                             capture_output=True, text=True, check=True)
+        assert "``" not in run.stdout and ":func:" not in run.stdout, command
+    for script in sorted((ROOT / "examples").glob("*.py")):
+        if script.name == "make_sample.py":
+            continue
+        run = subprocess.run([sys.executable, str(script), "--help"], capture_output=True,
+                             text=True, check=True, timeout=120)
+        assert "``" not in run.stdout, script.name
+        # The docstring keeps its paragraphs and its command lines.
+        assert "\n\n" in run.stdout.split("options:")[0], script.name

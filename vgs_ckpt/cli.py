@@ -1,4 +1,4 @@
-"""The ``vgs-ckpt`` command line: demo, inspect, verify, upgrade, migrate, sweep, schema."""
+"""The vgs-ckpt command line: demo, inspect, verify, upgrade, migrate, sweep, schema."""
 
 from __future__ import annotations
 

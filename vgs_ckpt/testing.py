@@ -21,7 +21,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from hypothesis import strategies as st
+
+from vgs_ckpt.errors import MissingDependencyError
+
+try:
+    from hypothesis import strategies as st
+except ImportError:  # the strategies are hypothesis's: say how to get it
+    raise MissingDependencyError("vgs_ckpt.testing (hypothesis strategies) needs hypothesis, "
+                                 "which is not installed: pip install 'vgs-ckpt[test]'"
+                                 ) from None
 
 from vgs_ckpt._dtypes import BY_CODE
 from vgs_ckpt.vgs_state import ADDED_IN_3_2, DEFAULTS
