@@ -88,7 +88,8 @@ def test_item_15_exploit_refuses_a_mistyped_hyperparameter(tmp_path: Path) -> No
             exploit(store, "c", "v1", {"lrr": 0.1})
 
 
-def _run_without(module_names: list[str], script: str, *args: str) -> subprocess.CompletedProcess[str]:
+def _run_without(module_names: list[str], script: str,
+                 *args: str) -> subprocess.CompletedProcess[str]:
     """Run ``script`` in a fresh interpreter in which ``module_names`` cannot be imported."""
     code = (f"import runpy, sys\nfor name in {module_names!r}: sys.modules[name] = None\n"
             f"sys.argv = [{script!r}, *{list(args)!r}]\n"
