@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
@@ -165,14 +165,17 @@ def header_json(header: CheckpointV1 | CheckpointV2) -> str:
                          "store big integers as strings or tensors") from None
 
 
-def header_data(header: CheckpointV1 | CheckpointV2) -> dict[str, Any]:
+def header_data(header: CheckpointV1 | CheckpointV2,
+                fallback: Callable[[Any], Any] | None = None) -> dict[str, Any]:
     """The header as JSON data, members in the models' order. The free-form parts (the
     tree, hyperparameters, provenance's legacy record) are taken as they are: pydantic's
-    serializer stops at a nesting depth below the JSON limit of spec section 2."""
+    serializer stops at a nesting depth below the JSON limit of spec section 2.
+    ``fallback`` shows what JSON cannot hold (a tensor where a salvaged VGS state has a
+    setting)."""
     free = {"tree": header.tree}
     if isinstance(header, CheckpointV2):
         free["hyperparams"] = header.hyperparams
-    data = header.model_dump(mode="json", exclude={*free, "provenance"})
+    data = header.model_dump(mode="json", exclude={*free, "provenance"}, fallback=fallback)
     out: dict[str, Any] = {}
     for name in type(header).model_fields:
         if name in free:

@@ -114,7 +114,7 @@ def header_form(checkpoint: Checkpoint) -> dict[str, Any]:
     ``created_at`` and ``producer`` are left out: they describe the reading)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a salvaged VGS summary holds what the file held
-        data = header_data(checkpoint.header)
+        data = header_data(checkpoint.header, repr)
     if data.get("vgs"):
         data["vgs"] = {k: ("NaN" if math.isnan(v) else "Infinity" if v > 0 else "-Infinity")
                        if isinstance(v, float) and not math.isfinite(v) else v
