@@ -90,8 +90,8 @@ def _describe(path: str, options: dict[str, Any] | None = None) -> dict[str, Any
     info: dict[str, Any] = {"path": path, "container": container,
                             "format": header.format_version.value,
                             "header": json.loads(json.dumps(
-                                {k: v for k, v in header_data(header, _shown).items() if k != "tree"},
-                                default=_shown))}
+                                {k: v for k, v in header_data(header, _shown).items()
+                                 if k != "tree"}, default=_shown))}
     if model is not None:
         info["sb3_model"] = model
     info["tensors"] = [{"name": name, "dtype": t.dtype, "shape": t.shape,
