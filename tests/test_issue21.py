@@ -139,3 +139,18 @@ def test_item_12_help_texts_are_plain_text() -> None:
         assert "``" not in run.stdout, script.name
         # The docstring keeps its paragraphs and its command lines.
         assert "\n\n" in run.stdout.split("options:")[0], script.name
+
+
+def test_item_03_the_command_line_shows_warnings_as_warnings(tmp_path: Path) -> None:
+    salvage = ROOT / "conformance" / "vectors" / "salvage_vgs_scalar_tensor.safetensors"
+    run = subprocess.run([sys.executable, "-m", "vgs_ckpt", "verify", str(salvage)],
+                         capture_output=True, text=True, check=False)
+    assert run.returncode == 0, run.stderr
+    assert run.stderr.startswith("warning (InvalidVGSStateWarning): ")
+    assert "sys.exit" not in run.stderr and ".py:" not in run.stderr
+    assert "got a tensor" in run.stderr
+    legacy = write_legacy(tmp_path / "l1.pt", "L1")
+    run = subprocess.run([sys.executable, "-m", "vgs_ckpt", "verify", str(legacy)],
+                         capture_output=True, text=True, check=True)
+    assert "it has no digests, so nothing could be verified" in run.stdout
+    assert "v1_policy_only" in run.stdout and "v2_full_parameters" not in run.stdout

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -457,9 +458,27 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message: Warning | str, category: type[Warning], filename: str,
+                  lineno: int, file: Any = None, line: str | None = None) -> None:
+    """A warning as the command line shows it: ``warning: <message>`` (vgs_ckpt's own,
+    with its class), without the Python file and line that would point into vgs_ckpt."""
+    prefix = f"warning ({category.__name__})" if category.__module__.startswith(
+        "vgs_ckpt") else f"warning ({category.__name__}, {filename}:{lineno})"
+    print(f"{prefix}: {_safe(str(message))}", file=file or sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code."""
     args = _parser().parse_args(argv)
+    shown = warnings.showwarning
+    warnings.showwarning = _show_warning
+    try:
+        return _run(args)
+    finally:
+        warnings.showwarning = shown
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return int(args.run(args))
     except VgsCkptError as exc:

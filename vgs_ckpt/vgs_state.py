@@ -98,12 +98,29 @@ def check(fields: Mapping[str, Any], where: str, error: type[VgsCkptError] | Non
 
 def _validate(fields: Mapping[str, Any], problems: list[str], prefix: str
               ) -> tuple[VGSState | None, str]:
-    """The validated model, or None and every problem (``problems`` first)."""
+    """The validated model, or None and every problem (``problems`` first; the model's
+    own complaints about a key that ``problems`` already names are left out)."""
     try:
         model = VGSState.model_validate(fields)
     except pydantic.ValidationError as exc:
-        return None, "; ".join([*problems, describe_validation(exc, prefix)])
+        named = {p.split(":", 1)[0] for p in problems}
+        found = [f"{'.'.join(str(x) for x in (prefix, *e['loc']) if x != '')}: {e['msg']} "
+                 f"(got {e.get('input')!r:.60})" for e in exc.errors()
+                 if f"{prefix}.{e['loc'][0]}" not in named]
+        return None, "; ".join([*problems, *found])
     return (None, "; ".join(problems)) if problems else (model, "")
+
+
+def _kind(value: Any) -> str:
+    """What a value of a tree is, for messages (a spec of a lazily read tree included)."""
+    kind = getattr(value, "kind", None)
+    if kind is not None and hasattr(value, "dtype") and hasattr(value, "shape"):
+        return {"torch": "a tensor", "numpy": "a numpy array"}.get(kind, "a numpy scalar")
+    if type(value).__module__ == "torch":
+        return "a tensor"
+    if type(value).__module__ == "numpy":
+        return "a numpy array" if type(value).__name__ == "ndarray" else "a numpy scalar"
+    return f"a {type(value).__qualname__}"
 
 
 def _invalid(fields: Mapping[str, Any], problem: str, error: type[VgsCkptError] | None,
@@ -141,7 +158,7 @@ def _fields(state: Mapping[Any, Any], tree: Mapping[str, Any], where: str
         if value is not None and type(value) not in _TREE_TYPES[key]:
             kinds = " or ".join(t.__name__ for t in _TREE_TYPES[key])
             problems.append(f"{KEY}.{key}: must be a plain {kinds} (not a tensor, numpy "
-                            f"scalar or string), got {type(value).__qualname__}")
+                            f"scalar or string), got {_kind(value)}")
     if fields.get("enabled") is None:
         fields["enabled"] = DEFAULTS["enabled"]
     nodes = dict(_vgs_items(tree))
@@ -153,7 +170,7 @@ def _fields(state: Mapping[Any, Any], tree: Mapping[str, Any], where: str
             fields[key] = None
             if state.get(key) is not None:
                 problems.append(f"{KEY}.{key}: must be a torch tensor (a tensor node) or "
-                                f"None, got {type(state.get(key)).__qualname__}")
+                                f"None, got {_kind(state.get(key))}")
     return fields, problems
 
 
