@@ -453,26 +453,29 @@ def check_names(tree: Any, entries: Mapping[str, Any]) -> None:
     Raises:
         FormatError: naming the first tensor that breaks a rule.
     """
-    first: dict[str, tuple[str | int, ...]] = {}
-    stack: list[tuple[Any, tuple[str | int, ...]]] = [(tree, ())]
+    # Each node is walked with the tensor name its path gives (the escaped segments
+    # joined), so a reference's expected name is at hand.
+    first: dict[str, str] = {}
+    stack: list[tuple[Any, str | None]] = [(tree, None)]
     while stack:
-        node, path = stack.pop()
+        node, name = stack.pop()
         if type(node) is not dict:
             continue
         for tag in REFERENCE_TAGS:
-            if type(node.get(tag)) is str:
-                first.setdefault(node[tag], path)
-        children: list[tuple[Any, tuple[str | int, ...]]] = []
-        for key, child in dict_items(node):
-            children.append((child, (*path, key)))
+            ref = node.get(tag)
+            if type(ref) is str and ref not in first:
+                first[ref] = name or ""
+                if ref != first[ref]:
+                    raise FormatError(f"tensor {ref!r} is first referenced at the path "
+                                      f"{first[ref]!r}, so it must be named {first[ref]!r} "
+                                      "(spec section 6)")
+        prefix = "" if name is None else name + SEPARATOR
+        children: list[tuple[Any, str]] = [(child, prefix + escape_key(key))
+                                           for key, child in dict_items(node)]
         for tag in ("list", "tuple"):
             if type(node.get(tag)) is list:
-                children.extend((child, (*path, i)) for i, child in enumerate(node[tag]))
+                children.extend((child, f"{prefix}{i}") for i, child in enumerate(node[tag]))
         stack.extend(reversed(children))
-    for name, path in first.items():
-        if name != join_path(path):
-            raise FormatError(f"tensor {name!r} is first referenced at {show_path(path)}, so "
-                              f"it must be named {join_path(path)!r} (spec section 6)")
     unreferenced = [name for name in entries if name not in first]
     if unreferenced:
         raise FormatError(f"tensor {unreferenced[0]!r} is in the file but no tree node "
