@@ -404,7 +404,7 @@ def _read(data: bytes) -> dict[str, Any]:
         need(type(entry) is dict and set(entry) == {"dtype", "shape", "data_offsets"},
              "entry")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        need(dtype in SIZES, "dtype")
+        need(type(dtype) is str and dtype in SIZES, "dtype")
         need(type(shape) is list and len(shape) <= 64
              and all(is_int(d) and 0 <= d < 2**63 for d in shape), "shape")
         need(type(offsets) is list and len(offsets) == 2

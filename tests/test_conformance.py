@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import random
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +20,7 @@ from typing import Any
 import pytest
 import torch
 
+import vgs_ckpt
 from vgs_ckpt import conformance
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -162,3 +165,56 @@ def test_an_independent_reader_agrees_with_the_vector(file: str) -> None:
 
     found = spec_reader.read((VECTORS / file).read_bytes())
     assert conformance.canonical(found) == conformance.canonical(ENTRIES[file]["stored"])
+
+
+def _mutate(value: Any, rng: random.Random) -> Any:
+    """``value`` (parsed JSON) with one random node replaced, a member dropped or
+    duplicated under another name."""
+    if isinstance(value, dict) and value and rng.random() < 0.7:
+        key = rng.choice(list(value))
+        roll = rng.random()
+        if roll < 0.1:
+            del value[key]
+        elif roll < 0.15:
+            value[key + "x"] = value[key]
+        else:
+            value[key] = _mutate(value[key], rng)
+        return value
+    if isinstance(value, list) and value and rng.random() < 0.7:
+        index = rng.randrange(len(value))
+        value[index] = _mutate(value[index], rng)
+        return value
+    return rng.choice([None, True, False, 0, -1, 1.0, 1.5, 2**63, "", "x", "nan", "NaN", [],
+                       {}, {"float": "inf"}, {"tensor": "policy/w"}, 1e-300,
+                       "2026-01-01T00:00:00Z", {"list": []}, [0, 8]])
+
+
+def test_the_independent_reader_agrees_on_mutated_files() -> None:
+    """Differential check: the library and tests/spec_reader.py, on 1000 files made by
+    mutating the valid vectors' headers and container headers, reach the same outcome,
+    header and tree."""
+    from . import spec_reader
+
+    rng = random.Random(20)
+    valid = sorted(f for f in ENTRIES if f.startswith("vectors/ok_"))
+    outcomes: dict[str, int] = {}
+    for _ in range(1000):
+        data = (VECTORS / rng.choice(valid)).read_bytes()
+        (n,) = struct.unpack_from("<Q", data)
+        container = json.loads(data[8:8 + n])
+        header = json.loads(container["__metadata__"]["vgs_ckpt.header"])
+        if rng.random() < 0.8:
+            header = _mutate(header, rng)
+        else:
+            container = _mutate(container, rng)
+        if isinstance(container, dict) and isinstance(container.get("__metadata__"), dict):
+            container["__metadata__"]["vgs_ckpt.header"] = json.dumps(header)
+        raw = json.dumps(container, separators=(",", ":")).encode()
+        raw += b" " * (-(len(raw) + 8) % 8)
+        mutated = struct.pack("<Q", len(raw)) + raw + data[8 + n:]
+        ours = conformance.outcome(lambda m=mutated: vgs_ckpt.load_bytes(m, upgrade=False))
+        theirs = spec_reader.read(mutated)
+        assert conformance.canonical(ours.record()) == conformance.canonical(theirs), \
+            (ours.message, json.dumps(header)[:300])
+        outcomes[ours.result] = outcomes.get(ours.result, 0) + 1
+    assert outcomes.get("ok", 0) > 50 and outcomes.get("FormatError", 0) > 500
