@@ -51,7 +51,10 @@ from typing import Any
 
 import numpy as np
 
-ARMS = ("full", "policy_only", "no_vgs_state", "optimizer_reset", "no_vgs")
+ARMS = ("full", "policy_only", "no_vgs_state", "optimizer_reset", "no_vgs",
+        "no_vecnorm_state")
+TRANSIENT_INTERVALS = 3  # post-exploit intervals whose return is measured one by one
+VGS_ARMS = ("full", "no_vgs_state", "policy_only")
 SCHEDULES = ("sync", "async")
 ASYNC_SPEEDS = (0.5, 0.75, 1.25, 1.5)
 
@@ -65,7 +68,16 @@ class Task:
     interval: int  # timesteps between PBT checks (and rounds)
     threshold: float  # return the best member must report
     lr_range: tuple[float, float]
-    arms: tuple[str, ...] = ARMS
+    arms: tuple[str, ...] = ARMS[:5]  # part II arms are given per task
+    # Part II (docs/experiments.md): the settings where a state mismatch may cost.
+    vec_normalize: bool = False  # PPO behind VecNormalize (its statistics are state)
+    warmup_steps: int = 100  # the reference VGS default
+    variance_cap: float | None = 50.0  # the reference VGS default; None: uncapped
+    optimizer: str = "adam"  # or "sgd" (momentum 0.9)
+    alpha_range: tuple[float, float] = (0.05, 0.5)  # explored vgs_alpha
+    n_steps: int = 256  # PPO rollout length
+    n_epochs: int = 4
+    gamma: float = 0.99
 
 
 FULL_TASKS = {
@@ -73,9 +85,38 @@ FULL_TASKS = {
     "pendulum": Task("pendulum", "Pendulum-v1", "SAC", 4000, 500, -300.0, (1e-4, 3e-3),
                      arms=ARMS[:4]),
 }
+# Part II. PPO + VecNormalize on Pendulum-v1 (rl-zoo's settings, one env): the
+# normalizer's statistics are the state in question. Then three PPO CartPole-v1
+# settings chosen so that the VGS factor depends on its statistics: exploits inside a
+# long warm-up (400 of the ~750 optimizer steps of a member); no variance cap, with a
+# vgs_alpha small enough (0.002-0.02) that at the normalized variance CartPole's
+# gradients reach (a few hundred, measured: see the probe table) the factor stays
+# between its floor and 1 instead of sitting at the floor; and that uncapped VGS with
+# SGD and momentum, which, unlike Adam, does not normalize the gradient's scale away.
+FULL_TASKS.update({
+    "pendulum_vecnorm": Task("pendulum_vecnorm", "Pendulum-v1", "PPO", 40960, 4096, -400.0,
+                             (3e-4, 3e-3), arms=("full", "no_vecnorm_state", "policy_only"),
+                             vec_normalize=True, n_steps=1024, n_epochs=10, gamma=0.9),
+    "cartpole_warmup": Task("cartpole_warmup", "CartPole-v1", "PPO", 12288, 512, 400.0,
+                            (1e-4, 3e-3), arms=VGS_ARMS, warmup_steps=400),
+    "cartpole_uncapped": Task("cartpole_uncapped", "CartPole-v1", "PPO", 12288, 1024, 400.0,
+                              (1e-4, 3e-3), arms=VGS_ARMS, variance_cap=None,
+                              alpha_range=(0.002, 0.02)),
+    "cartpole_sgd": Task("cartpole_sgd", "CartPole-v1", "PPO", 12288, 1024, 400.0,
+                         (3e-3, 1e-1), arms=VGS_ARMS, optimizer="sgd", variance_cap=None,
+                         alpha_range=(0.002, 0.02)),
+})
+PART_II = ("pendulum_vecnorm", "cartpole_warmup", "cartpole_uncapped", "cartpole_sgd")
 QUICK_TASKS = {
     "cartpole": replace(FULL_TASKS["cartpole"], timesteps=1024, interval=256),
-    "pendulum": replace(FULL_TASKS["pendulum"], timesteps=300, interval=100, arms=ARMS),
+    "pendulum": replace(FULL_TASKS["pendulum"], timesteps=300, interval=100, arms=ARMS[:5]),
+    "pendulum_vecnorm": replace(FULL_TASKS["pendulum_vecnorm"], timesteps=1024,
+                                interval=256, n_steps=256, n_epochs=2),
+    "cartpole_warmup": replace(FULL_TASKS["cartpole_warmup"], timesteps=768, interval=256,
+                               warmup_steps=20),
+    "cartpole_uncapped": replace(FULL_TASKS["cartpole_uncapped"], timesteps=768,
+                                 interval=256),
+    "cartpole_sgd": replace(FULL_TASKS["cartpole_sgd"], timesteps=768, interval=256),
 }
 
 
@@ -91,11 +132,26 @@ class RunSpec:
 # --- one population run (in a worker process) ---------------------------------------
 
 def _make_model(task: Task, seed: int, quick: bool) -> Any:
+    import torch
     from stable_baselines3 import PPO, SAC
 
     if task.algo == "PPO":
-        return PPO("MlpPolicy", task.env, n_steps=256, batch_size=64, n_epochs=4,
-                   policy_kwargs={"net_arch": [32, 32]}, seed=seed, device="cpu")
+        env: Any = task.env
+        policy_kwargs: dict[str, Any] = {"net_arch": [32, 32]}
+        extra: dict[str, Any] = {}
+        if task.vec_normalize:
+            from stable_baselines3.common.env_util import make_vec_env
+            from stable_baselines3.common.vec_env import VecNormalize
+
+            env = VecNormalize(make_vec_env(task.env, n_envs=1, seed=seed), gamma=task.gamma)
+            policy_kwargs = {"net_arch": [64, 64]}
+            extra = {"gae_lambda": 0.95, "use_sde": True, "sde_sample_freq": 4}
+        if task.optimizer == "sgd":
+            policy_kwargs.update(optimizer_class=torch.optim.SGD,
+                                 optimizer_kwargs={"momentum": 0.9})
+        return PPO("MlpPolicy", env, n_steps=task.n_steps, batch_size=64,
+                   n_epochs=task.n_epochs, gamma=task.gamma, policy_kwargs=policy_kwargs,
+                   seed=seed, device="cpu", **extra)
     return SAC("MlpPolicy", task.env, learning_starts=64 if quick else 256, batch_size=64,
                buffer_size=20000, policy_kwargs={"net_arch": [64, 64]}, seed=seed,
                device="cpu")
@@ -120,6 +176,9 @@ def run_population(spec: RunSpec, quick: bool = False) -> dict[str, Any]:
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self.episodes: list[tuple[int, float]] = []
+            # Per exploit with a VecNormalize: its observation count before, after, and
+            # in the donor's checkpoint (None when the checkpoint has none).
+            self.normalizer: list[tuple[float, float, float | None]] = []
 
         def _on_step(self) -> bool:
             for info in self.locals.get("infos", ()):
@@ -141,9 +200,18 @@ def run_population(spec: RunSpec, quick: bool = False) -> dict[str, Any]:
             hp = dict(hyperparams)
             if arm == "no_vgs_state":
                 tree["vgs_state"] = sb3.vgs_scaler(self.model).state_dict()
+            donor_rms = ((parameters.get("vec_normalize") or {}).get("obs_rms") or {})
+            if arm == "no_vecnorm_state":  # the recipient keeps its own normalizer
+                tree.pop("vec_normalize", None)
             if not with_vgs:
                 hp = {k: v for k, v in hp.items() if not k.startswith("vgs_")}
+            env = self.model.get_env()
+            before = float(env.obs_rms.count) if hasattr(env, "obs_rms") else None
             sb3.set_state(self.model, tree, hyperparams=hp)
+            if before is not None:
+                donor = donor_rms.get("count") if isinstance(donor_rms, dict) else None
+                self.normalizer.append((before, float(env.obs_rms.count),
+                                        float(donor) if donor is not None else None))
 
     directory = tempfile.mkdtemp(prefix="vgs_pbt_eff-")
     try:
@@ -152,14 +220,15 @@ def run_population(spec: RunSpec, quick: bool = False) -> dict[str, Any]:
             truncation_ratio=0.25, seed=spec.seed, keep_last=1, keep_best=0,
             optimizer_strategy="reset" if arm == "optimizer_reset" else "copy",
             hyperparams=[HyperparamSpec("learning_rate", *task.lr_range, log_scale=True),
-                         HyperparamSpec("vgs_alpha", 0.05, 0.5)]))
+                         HyperparamSpec("vgs_alpha", *task.alpha_range)]))
         members = scheduler.initialize_population()
         models, callbacks = {}, {}
         for i, member in enumerate(members):
             model = _make_model(task, spec.seed * 1000 + i, quick)
             hp = dict(member.hyperparams)
             if with_vgs:
-                sb3.attach_vgs(model)
+                sb3.attach_vgs(model, warmup_steps=task.warmup_steps,
+                               variance_cap=task.variance_cap)
             else:
                 hp = {k: v for k, v in hp.items() if not k.startswith("vgs_")}
             sb3.set_hyperparams(model, hp)
@@ -170,28 +239,53 @@ def run_population(spec: RunSpec, quick: bool = False) -> dict[str, Any]:
                   else None)
         rounds = task.timesteps // task.interval
         curve = []  # (population steps, [each member's latest performance])
+        probe = []  # per round: each member's (VGS step_count, global normalized variance)
         for r in range(1, rounds + 1):
             sb3.train_population(scheduler, models, total_timesteps=r * task.interval,
                                  interval=task.interval, speeds=speeds, callbacks=callbacks)
             latest = [cb.reports[-1][1] if cb.reports else math.nan
                       for cb in callbacks.values()]
             curve.append((sum(m.num_timesteps for m in models.values()), latest))
+            if with_vgs:
+                probe.append([_global_nv(sb3.vgs_scaler(m)) for m in models.values()])
         exploits = []
         for cb in callbacks.values():
             for e in cb.events:
-                after = [ret for t, ret in callbacks[e.member_id].episodes
+                episodes = callbacks[e.member_id].episodes
+                after = [ret for t, ret in episodes
                          if e.timestep < t <= e.timestep + task.interval]
+                # The transient: the recipient's mean return in each of the next few
+                # intervals, minus the donor's recorded performance.
+                transient = []
+                for k in range(1, TRANSIENT_INTERVALS + 1):
+                    window = [ret for t, ret in episodes if e.timestep + (k - 1)
+                              * task.interval < t <= e.timestep + k * task.interval]
+                    transient.append(float(np.mean(window)) - e.donor_performance
+                                     if window and e.donor_performance is not None else None)
                 exploits.append({
                     "member": e.member_id, "donor": e.donor_id, "timestep": e.timestep,
                     "donor_step": e.donor_step, "donor_performance": e.donor_performance,
                     "vgs_step_before": e.vgs_step_before, "vgs_step_after": e.vgs_step_after,
                     "donor_vgs_step": e.donor_vgs_step, "format": str(e.format.value),
-                    "return_after": float(np.mean(after)) if after else None})
+                    "return_after": float(np.mean(after)) if after else None,
+                    "transient": transient})
         return {"task": task.name, "schedule": spec.schedule, "arm": arm, "seed": spec.seed,
-                "curve": curve, "exploits": exploits,
+                "curve": curve, "exploits": exploits, "vgs_probe": probe,
+                "normalizer": [list(n) for cb in callbacks.values() for n in cb.normalizer],
                 "timesteps": {m: model.num_timesteps for m, model in models.items()}}
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def _global_nv(scaler: Any) -> tuple[int, float | None]:
+    """The scaler's step count and the global normalized variance its factor uses
+    (the 0.9 quantile of the per-parameter values, before any cap)."""
+    import torch
+
+    nv = scaler.normalized_variance()
+    if nv.numel() == 0:
+        return scaler.step_count, None
+    return scaler.step_count, float(torch.quantile(nv.double(), 0.9))
 
 
 # --- metrics -------------------------------------------------------------------------
@@ -222,9 +316,14 @@ def run_metrics(run: Mapping[str, Any], threshold: float) -> dict[str, float | N
     mismatched = [e for e in run["exploits"] if e["vgs_step_before"] is not None
                   and e["donor_vgs_step"] is not None
                   and e["vgs_step_before"] != e["donor_vgs_step"]]
+    transient = {}
+    for k in range(TRANSIENT_INTERVALS):
+        values = [e["transient"][k] for e in run["exploits"]
+                  if len(e.get("transient") or ()) > k and e["transient"][k] is not None]
+        transient[f"transient_{k + 1}"] = float(np.mean(values)) if values else None
     return {"auc_best": auc(best), "auc_mean": auc(mean), "final_best": best[-1],
             "steps_to_threshold": reached, "budget": xs[-1],
-            "dip": float(np.mean(dips)) if dips else None,
+            "dip": float(np.mean(dips)) if dips else None, **transient,
             "exploits": float(len(run["exploits"])),
             "mismatched_exploits": float(len(mismatched))}
 
@@ -256,12 +355,14 @@ def summarise(runs: list[dict[str, Any]], tasks: Mapping[str, Task]) -> list[dic
         row: dict[str, Any] = {"task": task, "schedule": schedule, "arm": arm,
                                "seeds": len(per_seed)}
         for metric in ("auc_best", "auc_mean", "final_best", "dip", "exploits",
-                       "mismatched_exploits"):
-            values = _finite([m[metric] for m in per_seed.values() if m[metric] is not None])
+                       "mismatched_exploits",
+                       *(f"transient_{k + 1}" for k in range(TRANSIENT_INTERVALS))):
+            values = _finite([m[metric] for m in per_seed.values()
+                              if m.get(metric) is not None])
             row[metric] = bootstrap_ci(values)
             paired = _finite([per_seed[s][metric] - full[s][metric] for s in per_seed
-                              if s in full and per_seed[s][metric] is not None
-                              and full[s][metric] is not None])
+                              if s in full and per_seed[s].get(metric) is not None
+                              and full[s].get(metric) is not None])
             row[f"{metric}_vs_full"] = bootstrap_ci(paired) if arm != "full" else None
         # Steps to threshold: a run that never reached it counts as its whole budget.
         steps = [m["steps_to_threshold"] if m["steps_to_threshold"] is not None
@@ -317,7 +418,78 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 WARMUP = 100  # the reference VGS's default warmup_steps, used by every member here
 
 
-def exploit_analysis(runs: list[dict[str, Any]]) -> str:
+def transient_table(rows: list[dict[str, Any]]) -> str:
+    """The post-exploit transient: the recipient's return in each of the next intervals
+    minus the donor's recorded performance (mean over seeds of each run's mean over its
+    exploits), and its paired difference against ``full``."""
+    keys = [f"transient_{k + 1}" for k in range(TRANSIENT_INTERVALS)]
+    sel = [r for r in rows if any(not math.isnan(r[k][0]) for k in keys if r.get(k))]
+    if not sel:
+        return ""
+    out = ["\n**Post-exploit transient** (recipient's mean return in the k-th interval after "
+           "an exploit minus the donor's recorded performance; mean over seeds [bootstrap 95% "
+           "CI]; - full: paired with `full` on the same seeds)\n",
+           "| task | schedule | arm | " + " | ".join(
+               f"interval {k + 1} | - full" for k in range(TRANSIENT_INTERVALS)) + " |",
+           "| --- | --- | --- | " + " | ".join("--- | ---" for _ in keys) + " |"]
+    for r in sorted(sel, key=lambda r: (r["task"], r["schedule"], ARMS.index(r["arm"]))):
+        cells = [f"{_fmt(r[k])} | {_fmt(r.get(f'{k}_vs_full'))}" for k in keys]
+        out.append(f"| {r['task']} | {r['schedule']} | {r['arm']} | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
+def probe_table(runs: list[dict[str, Any]], tasks: Mapping[str, Task]) -> str:
+    """The global normalized variance the VGS saw past its warm-up (checked after every
+    round, every member, every arm with a VGS), against the task's variance cap: the
+    factor depends on the statistics only while the variance is below the cap."""
+    out = ["\n**Global normalized variance past warm-up** (the 0.9 quantile the VGS factor "
+           "uses, before the cap; every member after every round)\n",
+           "| task | variance cap | checks | median | 90th percentile | max | at or above "
+           "the cap |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name in sorted({r["task"] for r in runs}):
+        task = tasks[name]
+        values = [nv for r in runs if r["task"] == name for round_ in r.get("vgs_probe", ())
+                  for step, nv in round_ if nv is not None and step >= task.warmup_steps]
+        if not values:
+            continue
+        cap = task.variance_cap
+        at_cap = (f"{sum(v >= cap for v in values) / len(values):.0%}" if cap is not None
+                  else "no cap")
+        out.append(f"| {name} | {cap if cap is not None else 'none'} | {len(values)} | "
+                   f"{np.median(values):.3g} | {np.percentile(values, 90):.3g} | "
+                   f"{max(values):.3g} | {at_cap} |")
+    return "\n".join(out) + "\n" if len(out) > 3 else ""
+
+
+def normalizer_table(runs: list[dict[str, Any]]) -> str:
+    """What each arm did to the recipient's VecNormalize at its exploits: how often its
+    statistics became the donor's, and how often they differed from the donor's
+    before (the exploits where the arms can differ at all)."""
+    out = ["\n**VecNormalize at the exploits** (observation-statistics counts: the "
+           "recipient's after the exploit against the donor's checkpoint)\n",
+           "| task | arm | exploits | recipient's differed from the donor's | took the "
+           "donor's |", "| --- | --- | --- | --- | --- |"]
+    for task in sorted({r["task"] for r in runs}):
+        for arm in ARMS:
+            moves = [m for r in runs if (r["task"], r["arm"]) == (task, arm)
+                     for m in r.get("normalizer", ())]
+            if not moves:
+                continue
+            differed = sum(m[2] is None or m[0] != m[2] for m in moves)
+            took = sum(m[2] is not None and m[1] == m[2] for m in moves)
+            out.append(f"| {task} | {arm} | {len(moves)} | {differed} | {took} |")
+    return "\n".join(out) + "\n" if len(out) > 3 else ""
+
+
+def report(runs: list[dict[str, Any]], tasks: Mapping[str, Task]) -> str:
+    """Every table of the report."""
+    rows = summarise(runs, tasks)
+    return (markdown(rows) + exploit_analysis(runs, tasks) + transient_table(rows)
+            + normalizer_table(runs) + probe_table(runs, tasks))
+
+
+def exploit_analysis(runs: list[dict[str, Any]],
+                     tasks: Mapping[str, Task] | None = None) -> str:
     """Post-exploit dip by the recipient's VGS situation at the exploit, pooled over
     seeds (a bootstrap over exploits, so the interval ignores seed clustering)."""
     out = ["\n**Post-exploit dip by VGS step-count situation** (recipient's mean return "
@@ -340,7 +512,8 @@ def exploit_analysis(runs: list[dict[str, Any]]) -> str:
                         continue  # no VGS (no_vgs), or a v1 file without VGS state
                         # (policy_only): the donor's count is not in the checkpoint
                     dip = e["return_after"] - e["donor_performance"]
-                    if before < WARMUP <= donor:
+                    warmup = tasks[task].warmup_steps if tasks else WARMUP
+                    if before < warmup <= donor:
                         groups["warmup"].append(dip)
                     elif before != donor:
                         groups["differ"].append(dip)
@@ -412,7 +585,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="tiny budgets and 2 seeds: a smoke run (under 3 minutes)")
     parser.add_argument("--seeds", type=int, help="seeds per arm (default 5, quick 2)")
-    parser.add_argument("--tasks", default="cartpole,pendulum")
+    parser.add_argument("--tasks", default="cartpole,pendulum",
+                        help="comma-separated; part I: cartpole,pendulum; part II: "
+                        f"{','.join(PART_II)} (or 'part2')")
     parser.add_argument("--arms", help=f"comma-separated subset of {','.join(ARMS)}")
     parser.add_argument("--schedules", default="sync,async")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
@@ -427,7 +602,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     catalogue = QUICK_TASKS if args.quick else FULL_TASKS
     tasks = {}
-    for name in args.tasks.split(","):
+    for name in args.tasks.replace("part2", ",".join(PART_II)).split(","):
         if name not in catalogue:
             parser.error(f"unknown task {name!r}; choose from {', '.join(catalogue)}")
         tasks[name] = catalogue[name]
@@ -445,10 +620,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.from_json:
         earlier = json.loads(Path(args.from_json).read_text())
-        tasks = {k: Task(**{**v, "lr_range": tuple(v["lr_range"]), "arms": tuple(v["arms"])})
+        tasks = {k: Task(**{**v, "lr_range": tuple(v["lr_range"]), "arms": tuple(v["arms"]),
+                            "alpha_range": tuple(v.get("alpha_range", (0.05, 0.5)))})
                  for k, v in earlier["tasks"].items()}
         runs = earlier["runs"]
-        table = markdown(summarise(runs, tasks)) + exploit_analysis(runs)
+        table = report(runs, tasks)
         print(table)
         if args.markdown:
             Path(args.markdown).write_text(table)
@@ -478,7 +654,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     seconds = time.perf_counter() - start
     runs.sort(key=lambda r: (r["task"], r["schedule"], ARMS.index(r["arm"]), r["seed"]))
     rows = summarise(runs, tasks)
-    table = markdown(rows) + exploit_analysis(runs)
+    table = report(runs, tasks)
     print(table)
     command = "python benchmarks/pbt_efficiency.py " + " ".join(
         sys.argv[1:] if argv is None else argv)

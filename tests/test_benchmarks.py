@@ -38,6 +38,36 @@ def test_pbt_efficiency_quick_runs(tmp_path: Path) -> None:
 
 
 @pytest.mark.sb3
+def test_pbt_efficiency_part_ii_quick_runs(tmp_path: Path) -> None:
+    """Part II (issue #22): PPO+VecNormalize on Pendulum and the three VGS settings, with
+    the post-exploit transient and the normalized-variance probe."""
+    pytest.importorskip("stable_baselines3")
+    out = tmp_path / "runs.json"
+    table = tmp_path / "table.md"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "pbt_efficiency.py"), "--quick",
+                    "--tasks", "part2", "--schedules", "async", "--seeds", "1",
+                    "--out", str(out), "--markdown", str(table)],
+                   check=True, capture_output=True, text=True, timeout=600)
+    result = json.loads(out.read_text())
+    arms = {(r["task"], r["arm"]) for r in result["runs"]}
+    assert {a for t, a in arms if t == "pendulum_vecnorm"} == {"full", "no_vecnorm_state",
+                                                               "policy_only"}
+    for task in ("cartpole_warmup", "cartpole_uncapped", "cartpole_sgd"):
+        assert {a for t, a in arms if t == task} == {"full", "no_vgs_state", "policy_only"}
+    assert result["tasks"]["cartpole_uncapped"]["variance_cap"] is None
+    assert result["tasks"]["cartpole_sgd"]["optimizer"] == "sgd"
+    assert any(r["exploits"] for r in result["runs"])
+    for run in result["runs"]:
+        assert run["vgs_probe"]  # the normalized variance, every round
+        for exploit in run["exploits"]:
+            fmt = "v1_policy_only" if run["arm"] == "policy_only" else "v2_full_parameters"
+            assert exploit["format"] == fmt
+            assert len(exploit["transient"]) == 3
+    text = table.read_text()
+    assert "Post-exploit transient" in text and "| no_vecnorm_state |" in text
+
+
+@pytest.mark.sb3
 def test_preemption_benchmark_quick_runs() -> None:
     pytest.importorskip("stable_baselines3")
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "preemption.py"),
