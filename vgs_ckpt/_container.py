@@ -326,9 +326,12 @@ def loads_json(text: str | bytes, where: str, what: str, padded: bool = False) -
 def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     found = dict(pairs)
     if len(found) != len(pairs):
-        names = [name for name, _ in pairs]
-        duplicate = next(name for i, name in enumerate(names) if name in names[:i])
-        raise ValueError(f"duplicate member name {duplicate!r} in one object (spec section 2)")
+        seen: set[str] = set()
+        for name, _ in pairs:  # one pass: a hostile object may have millions of members
+            if name in seen:
+                raise ValueError(f"duplicate member name {name[:80]!r} in one object (spec "
+                                 "section 2)")
+            seen.add(name)
     return found
 
 
