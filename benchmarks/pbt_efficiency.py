@@ -237,6 +237,10 @@ def run_population(spec: RunSpec, quick: bool = False) -> dict[str, Any]:
                                                       interval=task.interval)
         speeds = (dict(zip(models, ASYNC_SPEEDS, strict=False)) if spec.schedule == "async"
                   else None)
+        # The whole run's budget: the rounds below are one train_population call each,
+        # and only the run's end (not each round's) goes without an exploit.
+        for member_id, cb in callbacks.items():
+            cb.total_timesteps = round(task.timesteps * (speeds or {}).get(member_id, 1.0))
         rounds = task.timesteps // task.interval
         curve = []  # (population steps, [each member's latest performance])
         probe = []  # per round: each member's (VGS step_count, global normalized variance)

@@ -160,6 +160,7 @@ class PBTCallback(BaseCallback):
         self._saved_at: int | None = None  # num_timesteps of the state last saved
         self._installed = False
         self.driven = False  # set by train_population: it handles the exit
+        self.budget_from_driver = False  # total_timesteps was set by train_population
 
     def _on_training_start(self) -> None:
         if self._last_check is None:
@@ -382,8 +383,14 @@ def train_population(scheduler: PBTScheduler, models: Mapping[str, Any], *,
     cbs = dict(callbacks or {})
     for member_id in models:
         cb = cbs.setdefault(member_id, PBTCallback(scheduler, member_id, interval=interval))
-        if cb.total_timesteps is None:
+        # This call's budget ends the member's exploits: a callback given again (training
+        # in rounds, one call a round) takes the new budget, not the first call's, which
+        # would end its exploits after the first round. A budget the caller set stays
+        # (set the whole run's budget there when training in rounds, so that only the
+        # run's end, not every round's, goes without an exploit).
+        if cb.total_timesteps is None or cb.budget_from_driver:
             cb.total_timesteps = budgets[member_id]
+            cb.budget_from_driver = True
         cb.driven = True
     installed = _PREEMPTION.install()
     try:
