@@ -56,6 +56,33 @@ def test_train_population_ends_with_every_members_state_on_disk(tmp_path) -> Non
         assert not events or events[-1].timestep < model.num_timesteps
 
 
+def test_a_population_trained_in_rounds_keeps_exploiting(tmp_path) -> None:
+    """train_population called once a round with the same callbacks (as a loop that
+    records a curve does): each call's budget, not the first call's, bounds the
+    exploits, so members exploit after the first round too."""
+    scheduler, models = population(tmp_path)
+    speeds = dict(zip(models, (0.5, 0.75, 1.25, 1.5), strict=True))
+    callbacks = None
+    for round_no in range(1, 6):
+        callbacks = sb3.train_population(scheduler, models, total_timesteps=64 * round_no,
+                                         interval=64, progress=False, callbacks=callbacks,
+                                         speeds=speeds)
+    assert callbacks is not None
+    assert any(e.timestep > 96 for cb in callbacks.values() for e in cb.events)
+    for member_id, model in models.items():
+        assert callbacks[member_id].total_timesteps == round(320 * speeds[member_id])
+    # A budget the caller set is the caller's: checks up to it may exploit.
+    scheduler, models = population(tmp_path / "b")
+    own = {m: sb3.PBTCallback(scheduler, m, interval=64) for m in models}
+    for cb in own.values():
+        cb.total_timesteps = 320
+    for round_no in range(1, 6):
+        sb3.train_population(scheduler, models, total_timesteps=64 * round_no, interval=64,
+                             progress=False, callbacks=own)
+    assert all(cb.total_timesteps == 320 for cb in own.values())
+    assert any(e.timestep > 64 for cb in own.values() for e in cb.events)
+
+
 def test_a_run_that_stops_between_checks_saves_at_the_end(tmp_path) -> None:
     scheduler, models = population(tmp_path, size=2)
     callbacks = sb3.train_population(scheduler, models, total_timesteps=100, interval=96,

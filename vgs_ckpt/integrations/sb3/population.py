@@ -347,6 +347,12 @@ def train_population(scheduler: PBTScheduler, models: Mapping[str, Any], *,
     since its last save is saved at the end. On SIGTERM, every member is saved, the
     background saves are flushed and the process exits with status 143.
 
+    Training in rounds (one call a round with the same ``callbacks``, to record a curve
+    between them): each call's budget replaces the one an earlier call set; set each
+    callback's ``total_timesteps`` to the whole run's budget yourself, or the check at
+    every round's end (where a synchronous population always is) saves without
+    exploiting.
+
     Args:
         models: member id -> SB3 model; every id must be a member of ``scheduler``.
         callbacks: your own :class:`PBTCallback` per member (default: new ones).
