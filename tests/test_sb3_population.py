@@ -69,7 +69,7 @@ def test_a_population_trained_in_rounds_keeps_exploiting(tmp_path) -> None:
                                          speeds=speeds)
     assert callbacks is not None
     assert any(e.timestep > 96 for cb in callbacks.values() for e in cb.events)
-    for member_id, model in models.items():
+    for member_id in models:
         assert callbacks[member_id].total_timesteps == round(320 * speeds[member_id])
     # A budget the caller set is the caller's: checks up to it may exploit.
     scheduler, models = population(tmp_path / "b")
