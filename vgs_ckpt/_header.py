@@ -9,7 +9,6 @@ tensor byte is read or copied). :func:`parse` validates a stored header.
 from __future__ import annotations
 
 import json
-import math
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -150,16 +149,9 @@ def header_json(header: CheckpointV1 | CheckpointV2) -> str:
     """The header as the writers' JSON text (spec section 2.11): members in the models'
     order, no whitespace, raw UTF-8, numbers as Python's ``repr``, the timestamp in UTC
     with ``Z``, and the VGS summary's non-finite statistics as "NaN", "Infinity",
-    "-Infinity"."""
-    data = header_data(header)
-    if isinstance(header, CheckpointV2) and header.vgs is not None:
-        for key in vgs_state.STATISTICS:
-            value = data["vgs"].get(key)
-            if isinstance(value, float) and not math.isfinite(value):
-                data["vgs"][key] = ("NaN" if math.isnan(value)
-                                    else "Infinity" if value > 0 else "-Infinity")
+    "-Infinity" (the models' JSON form, :func:`header_data`)."""
     try:
-        return dumps(data)
+        return dumps(header_data(header))
     except ValueError as exc:  # an int beyond CPython's digit limit, in hyperparams say
         raise UsageError(f"the header would not read back ({exc}); nothing was written - "
                          "store big integers as strings or tensors") from None

@@ -90,6 +90,13 @@ class Array:
         return _numpy_data(np.asarray(self.value), self.dtype)
 
 
+def float_node(value: float) -> dict[str, Any]:
+    """The ``float`` node of a Python float: a JSON number, or "nan", "inf", "-inf"."""
+    if math.isfinite(value):
+        return {"float": value}
+    return {"float": "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")}
+
+
 def _check_text(text: str, path: tuple[str | int, ...], what: str) -> None:
     try:
         text.encode("utf-8")
@@ -193,9 +200,7 @@ class Encoder:
                     "5); store it as a string or a tensor")
             return value
         if type(value) is float:
-            if math.isfinite(value):
-                return {"float": value}
-            return {"float": "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")}
+            return float_node(value)
         if type(value) is str:
             _check_text(value, path, "string")
             return value

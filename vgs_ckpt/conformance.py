@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import warnings
 from collections import OrderedDict
@@ -41,6 +40,7 @@ import torch
 
 from vgs_ckpt._dtypes import BY_TORCH, numpy_entry
 from vgs_ckpt._header import header_data
+from vgs_ckpt._tree import Array, float_node
 from vgs_ckpt.checkpoint import Checkpoint
 from vgs_ckpt.errors import VgsCkptError
 from vgs_ckpt.loading import load
@@ -69,13 +69,11 @@ def tree_form(value: Any) -> Any:
         if item is None or type(item) in (bool, int, str):
             return item
         if type(item) is float:
-            if math.isfinite(item):
-                return {"float": item}
-            return {"float": "nan" if math.isnan(item) else ("inf" if item > 0 else "-inf")}
+            return float_node(item)
         if isinstance(item, np.generic):
             return {"npscalar": _array_form(np.asarray(item))}
         if isinstance(item, torch.Tensor):
-            node: dict[str, Any] = {"tensor": _tensor_form(item), "object": number(item)}
+            node: dict[str, Any] = {"tensor": _array_form(item), "object": number(item)}
             if item.requires_grad:
                 node["requires_grad"] = True
             if isinstance(item, torch.nn.Parameter):
@@ -95,18 +93,19 @@ def tree_form(value: Any) -> Any:
     return form(value)
 
 
-def _tensor_form(tensor: torch.Tensor) -> dict[str, Any]:
-    flat = tensor.detach().cpu().reshape(-1).clone(memory_format=torch.contiguous_format)
-    return {"dtype": BY_TORCH[tensor.dtype].code, "shape": list(tensor.shape),
-            "hex": flat.view(torch.uint8).numpy().tobytes().hex()}
-
-
-def _array_form(array: np.ndarray[Any, Any]) -> dict[str, Any]:
-    entry = numpy_entry(array.dtype)
-    if entry is None or entry.numpy is None:
-        raise TypeError(f"no decoded-tree form for numpy dtype {array.dtype}")
-    little = np.ascontiguousarray(array, dtype=entry.numpy)
-    return {"dtype": entry.code, "shape": list(array.shape), "hex": little.tobytes().hex()}
+def _array_form(value: Any) -> dict[str, Any]:
+    """A tensor's or array's dtype, shape and bytes (C order, little-endian, as a writer
+    stores them: :meth:`vgs_ckpt._tree.Array.data`)."""
+    if isinstance(value, torch.Tensor):
+        dtype = BY_TORCH[value.dtype]
+    else:
+        found = numpy_entry(value.dtype)
+        if found is None or found.numpy is None:
+            raise TypeError(f"no decoded-tree form for numpy dtype {value.dtype}")
+        dtype = found
+    shape = tuple(value.shape)
+    return {"dtype": dtype.code, "shape": list(shape),
+            "hex": bytes(Array(dtype, shape, value).data()).hex()}
 
 
 def header_form(checkpoint: Checkpoint) -> dict[str, Any]:
@@ -115,10 +114,6 @@ def header_form(checkpoint: Checkpoint) -> dict[str, Any]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a salvaged VGS summary holds what the file held
         data = header_data(checkpoint.header, repr)
-    if data.get("vgs"):
-        data["vgs"] = {k: ("NaN" if math.isnan(v) else "Infinity" if v > 0 else "-Infinity")
-                       if isinstance(v, float) and not math.isfinite(v) else v
-                       for k, v in data["vgs"].items()}
     members = [m for m in HEADER_MEMBERS
                if checkpoint.container == "safetensors" or m not in ("created_at", "producer")]
     return {m: data[m] for m in members if m in data}

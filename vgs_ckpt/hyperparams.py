@@ -177,13 +177,8 @@ def unapplied(parameters: Mapping[Any, Any], hyperparams: Mapping[str, Any]) -> 
               for group in _get(parameters, path)["param_groups"]]
     known = ({k for group in groups for k in group if k != "params"} if groups
              else set(GROUP_KEYS))
-    found = []
-    for key in hyperparams:
-        knob = key[len(HYPERPARAM_PREFIX):] if key.startswith(HYPERPARAM_PREFIX) else None
-        if knob in KNOBS or ALIASES.get(key, key) in known:
-            continue
-        found.append(key)
-    return found
+    # split() takes the vgs_<knob> keys; a vgs_ key naming no knob stays among the others.
+    return [key for key in split(hyperparams).other if ALIASES.get(key, key) not in known]
 
 
 def reset_optimizer_state(parameters: Mapping[Any, Any]) -> dict[Any, Any]:

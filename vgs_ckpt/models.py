@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Annotated, Any, Literal, Required, TypeAlias, TypedDict
 
@@ -89,8 +89,17 @@ def _any_float(value: object) -> float:
                      '"-Infinity"')
 
 
-AnyFloat: TypeAlias = Annotated[float, PlainValidator(_any_float), WithJsonSchema({"anyOf": [
-    {"type": "number"}, {"enum": list(_NON_FINITE)}]})]
+def _any_float_json(value: Any) -> Any:
+    """A non-finite float as its string; anything else (a finite number, or what a
+    salvaged summary holds) as it is."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else "Infinity" if value > 0 else "-Infinity"
+    return value
+
+
+AnyFloat: TypeAlias = Annotated[
+    float, PlainValidator(_any_float), PlainSerializer(_any_float_json, when_used="json"),
+    WithJsonSchema({"anyOf": [{"type": "number"}, {"enum": list(_NON_FINITE)}]})]
 # The containers a checkpoint can come in (safetensors, and the legacy torch.save ones).
 ContainerKind: TypeAlias = Literal["safetensors", "torch-zip", "torch-pickle"]
 TREE_REF = "#/$defs/TreeNode"
@@ -229,7 +238,7 @@ Timestamp: TypeAlias = Annotated[
 class _Model(BaseModel):
     # Unknown fields are ignored (forward compatibility within a format
     # version, spec section 8); writers never emit them.
-    model_config = ConfigDict(frozen=True, extra="ignore", ser_json_inf_nan="strings")
+    model_config = ConfigDict(frozen=True, extra="ignore")
 
 
 class TensorInfo(_Model):
@@ -382,10 +391,14 @@ def check_format_version(value: object, where: str) -> CheckpointFormat:
                       f"{', '.join(FORMAT_ORDER)}")
 
 
-def describe_validation(exc: pydantic.ValidationError, prefix: str = "") -> str:
-    """A pydantic error as "field.path: message (got ...); ..." for error messages."""
+def describe_validation(exc: pydantic.ValidationError, prefix: str = "",
+                        skip: Collection[str] = ()) -> str:
+    """A pydantic error as "field.path: message (got ...); ..." for error messages,
+    leaving out the errors of the top-level fields in ``skip`` (reported otherwise)."""
     parts = []
     for err in exc.errors():
+        if err["loc"] and err["loc"][0] in skip:
+            continue
         loc = ".".join(str(p) for p in (prefix, *err["loc"]) if p != "")
         parts.append(f"{loc or '<header>'}: {err['msg']} (got {err.get('input')!r:.60})")
     return "; ".join(parts)

@@ -36,7 +36,7 @@ from vgs_ckpt.models import VGS_VERSIONS, VGSRole, VGSState, describe_validation
 
 __all__ = ["ADDED_IN_3_2", "DEFAULTS", "HYPERPARAM_PREFIX", "KEY", "KNOBS", "LATEST",
            "SCALAR_KEYS", "STATE_KEYS", "STATISTICS", "TENSOR_KEYS", "VERSIONS", "check",
-           "check_stored", "same_summary", "summary", "version_of"]
+           "check_stored", "summary", "version_of"]
 
 KEY = "vgs_state"
 HYPERPARAM_PREFIX = "vgs_"
@@ -81,34 +81,31 @@ def version_of(state: Mapping[str, Any], where: str = "") -> str:
 
 
 def check(fields: Mapping[str, Any], where: str, error: type[VgsCkptError] | None,
-          fix: str = "", what: str = f"invalid VGS state: {KEY}", quiet: bool = False
-          ) -> VGSState:
+          fix: str = "", what: str = f"invalid VGS state: {KEY}") -> VGSState:
     """``fields`` as a :class:`VGSState`, validated; ``what`` ("label: field prefix")
     heads the error message.
 
     Invalid fields raise ``error`` (with ``fix`` appended), or, with ``error=None``,
-    give an :class:`InvalidVGSStateWarning` naming them (unless ``quiet``) and come
-    back unvalidated, exactly as given.
+    give an :class:`InvalidVGSStateWarning` naming them and come back unvalidated,
+    exactly as given.
     """
-    model, problem = _validate(fields, [], what.partition(": ")[2])
+    label, _, prefix = what.partition(": ")
+    model, problem = _validate(fields, {}, prefix)
     if model is not None:
         return model
-    return _invalid(fields, f"{where}: {what.partition(': ')[0]}: {problem}", error, fix, quiet)
+    return _invalid(fields, f"{where}: {label}: {problem}", error, fix)
 
 
-def _validate(fields: Mapping[str, Any], problems: list[str], prefix: str
+def _validate(fields: Mapping[str, Any], problems: Mapping[str, str], prefix: str
               ) -> tuple[VGSState | None, str]:
-    """The validated model, or None and every problem (``problems`` first; the model's
-    own complaints about a key that ``problems`` already names are left out)."""
+    """The validated model, or None and every problem: ``problems`` (key -> message)
+    first, then the model's own, but for the keys ``problems`` already names."""
     try:
         model = VGSState.model_validate(fields)
     except pydantic.ValidationError as exc:
-        named = {p.split(":", 1)[0] for p in problems}
-        found = [f"{'.'.join(str(x) for x in (prefix, *e['loc']) if x != '')}: {e['msg']} "
-                 f"(got {e.get('input')!r:.60})" for e in exc.errors()
-                 if f"{prefix}.{e['loc'][0]}" not in named]
-        return None, "; ".join([*problems, *found])
-    return (None, "; ".join(problems)) if problems else (model, "")
+        found = describe_validation(exc, prefix, skip=problems)
+        return None, "; ".join([*problems.values(), *([found] if found else [])])
+    return (None, "; ".join(problems.values())) if problems else (model, "")
 
 
 def _kind(value: Any) -> str:
@@ -124,12 +121,13 @@ def _kind(value: Any) -> str:
 
 
 def _invalid(fields: Mapping[str, Any], problem: str, error: type[VgsCkptError] | None,
-             fix: str, quiet: bool) -> VGSState:
+             fix: str) -> VGSState:
+    """Raise ``error`` for an invalid state, or (None) warn and return ``fields`` as
+    they are."""
     if error is not None:
         raise error(f"{problem}{'; ' + fix if fix else ''}") from None
-    if not quiet:
-        warn(f"{problem}; returned as stored - fix parameters[{KEY!r}] before saving or "
-             "upgrading it", InvalidVGSStateWarning)
+    warn(f"{problem}; returned as stored - fix parameters[{KEY!r}] before saving or "
+         "upgrading it", InvalidVGSStateWarning)
     return VGSState.model_construct(**{name: fields.get(name) for name in VGSState.model_fields})
 
 
@@ -145,20 +143,20 @@ _TREE_TYPES: dict[str, tuple[type, ...]] = {
 
 
 def _fields(state: Mapping[Any, Any], tree: Mapping[str, Any], where: str
-            ) -> tuple[dict[str, Any], list[str]]:
+            ) -> tuple[dict[str, Any], dict[str, str]]:
     """The summary's fields for a stored state, and the problems of the state's own
-    types (a scalar that is not a plain value, a per-parameter member that is not a
-    tensor). Raises UnsupportedVersionError for an unknown version."""
+    types by key (a scalar that is not a plain value, a per-parameter member that is not
+    a tensor). Raises UnsupportedVersionError for an unknown version."""
     fields: dict[str, Any] = {"vgs_version": version_of(state, where)}
-    problems: list[str] = []
+    problems: dict[str, str] = {}
     for key in SCALAR_KEYS:
         if key not in state:  # a required one is reported missing by the model
             continue
         value = fields[key] = state[key]
         if value is not None and type(value) not in _TREE_TYPES[key]:
             kinds = " or ".join(t.__name__ for t in _TREE_TYPES[key])
-            problems.append(f"{KEY}.{key}: must be a plain {kinds} (not a tensor, numpy "
-                            f"scalar or string), got {_kind(value)}")
+            problems[key] = (f"{KEY}.{key}: must be a plain {kinds} (not a tensor, numpy "
+                             f"scalar or string), got {_kind(value)}")
     if fields.get("enabled") is None:
         fields["enabled"] = DEFAULTS["enabled"]
     nodes = dict(_vgs_items(tree))
@@ -169,20 +167,19 @@ def _fields(state: Mapping[Any, Any], tree: Mapping[str, Any], where: str
         else:
             fields[key] = None
             if state.get(key) is not None:
-                problems.append(f"{KEY}.{key}: must be a torch tensor (a tensor node) or "
-                                f"None, got {_kind(state.get(key))}")
+                problems[key] = (f"{KEY}.{key}: must be a torch tensor (a tensor node) or "
+                                 f"None, got {_kind(state.get(key))}")
     return fields, problems
 
 
 def summary(parameters: Mapping[Any, Any], tree: Mapping[str, Any], where: str,
             error: type[VgsCkptError] | None = UsageError, fix: str = "",
-            quiet: bool = False, kind_error: type[VgsCkptError] = UsageError
-            ) -> VGSState | None:
+            kind_error: type[VgsCkptError] = UsageError) -> VGSState | None:
     """The header's ``vgs`` field for ``parameters[KEY]``, or None when there is none.
 
-    ``tree`` is the encoded tree (it names the per-parameter tensors). ``error``,
-    ``fix`` and ``quiet`` are as for :func:`check`; a state that is neither a dict nor
-    None raises ``kind_error``.
+    ``tree`` is the encoded tree (it names the per-parameter tensors). ``error`` and
+    ``fix`` are as for :func:`check`; a state that is neither a dict nor None raises
+    ``kind_error``.
     """
     state = parameters.get(KEY)
     if state is None:
@@ -195,7 +192,7 @@ def summary(parameters: Mapping[Any, Any], tree: Mapping[str, Any], where: str,
     model, problem = _validate(fields, problems, KEY)
     if model is not None:
         return model
-    return _invalid(fields, f"{where}: invalid VGS state: {problem}", error, fix, quiet)
+    return _invalid(fields, f"{where}: invalid VGS state: {problem}", error, fix)
 
 
 def check_stored(structure: Mapping[Any, Any], tree: Mapping[str, Any], stored: Any,
@@ -220,14 +217,11 @@ def check_stored(structure: Mapping[Any, Any], tree: Mapping[str, Any], stored: 
                           f"{type(state).__qualname__}; the file is corrupt")
     fields, problems = _fields(state, tree, where)
     model, problem = _validate(fields, problems, KEY)
-    if model is None:
-        if not as_stored:
-            raise FormatError(f"{where}: invalid VGS state: {problem}; load it with "
-                              "upgrade=False to salvage the data")
-        warn(f"{where}: invalid VGS state: {problem}; returned as stored - fix "
-             f"parameters[{KEY!r}] before saving or upgrading it", InvalidVGSStateWarning)
-        kept = stored if type(stored) is dict else {}
-        return VGSState.model_construct(**{n: kept.get(n) for n in VGSState.model_fields})
+    if model is None:  # salvage: the summary is kept as stored, unchecked
+        return _invalid(stored if type(stored) is dict else {},
+                        f"{where}: invalid VGS state: {problem}",
+                        None if as_stored else FormatError,
+                        "load it with upgrade=False to salvage the data")
     if type(stored) is not dict:
         raise FormatError(f"{where}: the header's VGS summary must be an object for the "
                           f"stored {KEY!r}, got {stored!r:.40}; the file is corrupt")
@@ -236,8 +230,7 @@ def check_stored(structure: Mapping[Any, Any], tree: Mapping[str, Any], stored: 
     except pydantic.ValidationError as exc:
         raise FormatError(f"{where}: the header's VGS summary is invalid: "
                           f"{describe_validation(exc, 'vgs')}; the file is corrupt") from None
-    differ = [n for n in VGSState.model_fields
-              if not _same(getattr(found, n), getattr(model, n))]
+    differ = _differing(found, model)
     if differ:
         raise FormatError(f"{where}: the header's VGS summary does not match the stored "
                           f"{KEY!r} (differs in {', '.join(differ)}); the file is corrupt")
@@ -252,11 +245,9 @@ def _vgs_items(tree: Mapping[str, Any]) -> list[tuple[Any, Any]]:
     return []
 
 
-def same_summary(a: VGSState | None, b: VGSState | None) -> bool:
-    """Whether two summaries are equal (NaN equals NaN)."""
-    if a is None or b is None:
-        return a is b
-    return all(_same(getattr(a, n, None), getattr(b, n, None)) for n in VGSState.model_fields)
+def _differing(a: VGSState, b: VGSState) -> list[str]:
+    """The fields in which two summaries differ (NaN equals NaN)."""
+    return [n for n in VGSState.model_fields if not _same(getattr(a, n), getattr(b, n))]
 
 
 def _same(x: Any, y: Any) -> bool:

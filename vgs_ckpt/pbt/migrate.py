@@ -130,16 +130,9 @@ def migrate_population(source: str | os.PathLike[str], dest: str | os.PathLike[s
                          "a new directory (it becomes the population's checkpoint_dir)")
     items = _scan(src)
     todo = [i for i in items if not i.skipped]
-    read: dict[int, Checkpoint] = {}
-    for index, item in enumerate(todo):
-        if progress:
-            progress(index, len(todo), item.source)
-        try:
-            read[id(item)] = _read(item)
-        except (VgsCkptError, OSError) as exc:
-            item.result = f"failed: {exc}"
-    if progress:
-        progress(len(todo), len(todo), Path())
+    # The plan: every file read once for its step (nothing kept: a population of large
+    # checkpoints need not fit in memory), then written in step order, each read again.
+    _each(todo, _read, progress)
     good = sorted((i for i in todo if not i.failed),
                   key=lambda i: (i.member_id or "", i.step or 0, i.source.name))
     numbers: dict[str, int] = {}
@@ -151,12 +144,23 @@ def migrate_population(source: str | os.PathLike[str], dest: str | os.PathLike[s
                             ".safetensors")
     if dry_run or not good:
         return items
-    counts = {m: n for m, n in numbers.items()}
-    store = CheckpointStore(out, keep_last=max(counts.values()), keep_best=0)
-    with store:
-        for item in good:
-            _write(store, item, read.pop(id(item)))
+    with CheckpointStore(out, keep_last=max(numbers.values()), keep_best=0) as store:
+        _each(good, lambda item: _write(store, item, _read(item)), progress)
     return items
+
+
+def _each(items: list[MigratedFile], work: Callable[[MigratedFile], Any],
+          progress: Callable[[int, int, Path], None] | None) -> None:
+    """``work`` on every item, with progress; an item it fails on is marked failed."""
+    for index, item in enumerate(items):
+        if progress:
+            progress(index, len(items), item.source)
+        try:
+            work(item)
+        except (VgsCkptError, OSError) as exc:
+            item.result = f"failed: {exc}"
+    if progress:
+        progress(len(items), len(items), Path())
 
 
 def _write(store: CheckpointStore, item: MigratedFile, checkpoint: Checkpoint) -> None:
