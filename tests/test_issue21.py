@@ -3,6 +3,8 @@ tests/test_migrate.py)."""
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 import warnings
@@ -154,3 +156,43 @@ def test_item_03_the_command_line_shows_warnings_as_warnings(tmp_path: Path) -> 
                          capture_output=True, text=True, check=True)
     assert "it has no digests, so nothing could be verified" in run.stdout
     assert "v1_policy_only" in run.stdout and "v2_full_parameters" not in run.stdout
+
+
+def test_error_paths_of_the_new_inputs(tmp_path: Path) -> None:
+    """Every new input refused with a VgsCkptError that names it and says how to fix."""
+    from vgs_ckpt.cli import main
+    from vgs_ckpt.pbt.migrate import migrate_population
+
+    # A member id the store cannot hold is skipped, named, never guessed at.
+    src = tmp_path / "src"
+    src.mkdir()
+    write_legacy(src / "member_a..b_step_1.pt", "L0")
+    os.mkfifo(src / "member_0_step_2.pt")  # never opened: not a regular file
+    items = {i.source.name: i for i in migrate_population(src, tmp_path / "out")}
+    assert "member id 'a..b'" in items["member_a..b_step_1.pt"].result
+    assert items["member_0_step_2.pt"].result == "skipped: not a file"
+    # Header fields of the wrong kind, at save.
+    for fields, named in (({"hyperparams": {1: 2}}, "has the key 1"),
+                          ({"hyperparams": {"a": object()}}, "hyperparams.a holds a object"),
+                          ({"created_at": 5}, "RFC 3339"),
+                          ({"created_at": "2026-01-01T00:00:00+24:00"}, "offset")):
+        with pytest.raises(vgs_ckpt.UsageError, match=named):
+            vgs_ckpt.save_bytes({"x": 1}, step=0, **fields)
+    # The demo's seed count.
+    assert main(["demo", "--compare", "--seeds", "0", "--dir", str(tmp_path / "d")]) == 1
+
+
+def test_inspect_json_is_json_with_non_finite_statistics(tmp_path: Path) -> None:
+    path = tmp_path / "n.safetensors"
+    vgs_ckpt.save(path, {"vgs_state": {"beta": 0.9, "alpha": 0.1, "eps": 1e-8,
+                                       "warmup_steps": 0, "step_count": 0,
+                                       "grad_mean_ema": float("nan"), "vgs_version": "3.2"}},
+                  step=0)
+    run = subprocess.run([sys.executable, "-m", "vgs_ckpt", "inspect", "--json", str(path)],
+                         capture_output=True, text=True, check=True)
+
+    def refuse(name: str) -> None:
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    info = json.loads(run.stdout, parse_constant=refuse)
+    assert info["header"]["vgs"]["grad_mean_ema"] == "NaN"
